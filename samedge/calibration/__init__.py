@@ -1,0 +1,1 @@
+"""Medical image sources turned into display-ready slices for calibration and validation."""

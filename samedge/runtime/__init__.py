@@ -1,0 +1,11 @@
+"""The bedside runtime: numpy plus one inference backend, no torch.
+
+``Predictor`` mirrors SamPredictor: ``set_image`` runs the encoder once, ``predict`` decodes any
+number of prompts in milliseconds. Backends are imported lazily, only the one asked for.
+"""
+
+from samedge.runtime.bundle import Bundle
+from samedge.runtime.predictor import Prediction, Predictor
+from samedge.runtime.transforms import ImageFrame, Preprocessing
+
+__all__ = ["Bundle", "ImageFrame", "Prediction", "Predictor", "Preprocessing"]

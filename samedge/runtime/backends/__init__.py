@@ -1,0 +1,35 @@
+"""Inference backends behind one small protocol; each is imported only when asked for."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from pathlib import Path
+
+from samedge.errors import BackendUnavailableError
+from samedge.runtime.backends.base import Backend
+
+# backend name → (module, class, pip extra)
+_BACKENDS = {
+    "onnxruntime": ("samedge.runtime.backends.onnxruntime", "OnnxRuntimeBackend", "onnxruntime"),
+    "openvino": ("samedge.runtime.backends.openvino", "OpenVinoBackend", "openvino"),
+    "tensorrt": ("samedge.runtime.backends.tensorrt", "TensorRtBackend", "tensorrt"),
+}
+BACKENDS = tuple(_BACKENDS)
+
+
+def open_backend(name: str, path: str | Path, threads: int | None = None) -> Backend:
+    """Open one graph file with the named backend."""
+    if name not in _BACKENDS:
+        raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    module_name, class_name, extra = _BACKENDS[name]
+    try:
+        module = import_module(module_name)
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"backend {name!r} is not installed ({exc})",
+            hint=f"pip install 'samedge[{extra}]'",
+        ) from exc
+    return getattr(module, class_name)(Path(path), threads=threads)
+
+
+__all__ = ["BACKENDS", "Backend", "open_backend"]

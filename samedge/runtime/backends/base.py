@@ -1,0 +1,18 @@
+"""The backend protocol: named float/int numpy arrays in, named numpy arrays out."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One compiled graph. ``run`` takes and returns arrays keyed by the graph's I/O names."""
+
+    name: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...

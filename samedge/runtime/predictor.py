@@ -1,0 +1,180 @@
+"""Predictor: SamPredictor's two-step API over a bundle — encode once, decode each prompt fast."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from samedge.errors import PromptError
+from samedge.runtime.backends import open_backend
+from samedge.runtime.bundle import Bundle
+from samedge.runtime.transforms import (
+    ImageFrame,
+    check_boxes,
+    check_points,
+    preprocess,
+    transform_boxes,
+    transform_points,
+    upscale_logits,
+)
+
+BOX_LABELS = np.array([2.0, 3.0], dtype=np.float32)  # SAM's top-left / bottom-right corner labels
+PAD_LABEL = -1.0
+
+
+@dataclass
+class Prediction:
+    """``masks`` (B, K, H, W) bool at the original size (logits if asked), ``scores`` (B, K) the
+    predicted IoU, ``low_res_logits`` (B, K, m, m) to feed back as ``mask_input``. The B axis is
+    dropped when a single unbatched prompt was given, as SamPredictor does."""
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+
+
+class Predictor:
+    """Run a bundle's encoder and decoder with one backend.
+
+    >>> predictor = Predictor("bundle/", backend="openvino")
+    >>> predictor.set_image(slice_uint8)
+    >>> result = predictor.predict(boxes=np.array([[40, 50, 120, 140], [10, 10, 60, 60]]))
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path | Bundle,
+        backend: str = "onnxruntime",
+        precision: str = "fp32",
+        threads: int | None = None,
+        decoder_precision: str | None = None,
+    ):
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+        self.pre = self.bundle.preprocessing
+        self.multimask_default = bool(self.bundle.model.get("multimask_default", False))
+        encoder = self.bundle.find("encoder", backend, precision)
+        decoder = self.bundle.find("decoder", backend, decoder_precision or precision)
+        self.encoder = open_backend(backend, self.bundle.entry_path(encoder), threads)
+        self.decoder = open_backend(backend, self.bundle.entry_path(decoder), threads)
+        self._embedding: np.ndarray | None = None
+        self._frame: ImageFrame | None = None
+
+    # -- encoder -----------------------------------------------------------------------------
+    def set_image(self, image: np.ndarray) -> None:
+        """Preprocess and encode one (H, W) or (H, W, 3) image; later ``predict`` calls reuse it."""
+        tensor, frame = preprocess(image, self.pre)
+        self._embedding = self.encoder.run({"image": tensor})["image_embeddings"]
+        self._frame = frame
+
+    def reset_image(self) -> None:
+        self._embedding, self._frame = None, None
+
+    @property
+    def image_embedding(self) -> np.ndarray:
+        if self._embedding is None:
+            raise PromptError("no image set", hint="call set_image(image) before predict")
+        return self._embedding
+
+    # -- decoder -----------------------------------------------------------------------------
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool | None = None,
+        return_logits: bool = False,
+    ) -> Prediction:
+        """Decode prompts against the current image.
+
+        ``point_coords`` (N, 2) or (B, N, 2) in original pixels with ``point_labels`` (N,) or
+        (B, N) (1 foreground, 0 background); ``boxes`` (4,) or (B, 4) xyxy; ``mask_input``
+        (1, m, m) or (B, 1, m, m) low-res logits from a previous call. B prompts are decoded in
+        one call. ``multimask_output`` None follows the family's convention (single mask for
+        LiteMedSAM/MedSAM, three for SAM).
+        """
+        embedding, frame = self.image_embedding, self._frame
+        if point_coords is None and boxes is None and mask_input is None:
+            raise PromptError(
+                "empty prompt: give point_coords/point_labels, boxes or mask_input",
+                hint="for prompt-free segmentation use a semantic family (SAMed, MA-SAM)",
+            )
+        mask_count = np.shape(mask_input)[0] if np.ndim(mask_input) == 4 else 1
+        coords, labels, batched = self._prompt_points(
+            point_coords, point_labels, boxes, frame, mask_count
+        )
+        count = coords.shape[0]
+        mask, has_mask = self._mask_prompt(mask_input, count)
+        outputs = self.decoder.run({
+            "image_embeddings": embedding,
+            "point_coords": coords,
+            "point_labels": labels,
+            "mask_input": mask,
+            "has_mask_input": has_mask,
+        })
+        multimask = self.multimask_default if multimask_output is None else multimask_output
+        tokens = slice(1, None) if multimask else slice(0, 1)
+        low_res = outputs["low_res_masks"][:, tokens]
+        scores = outputs["iou_predictions"][:, tokens]
+        logits = upscale_logits(low_res, frame, self.pre)
+        masks = logits if return_logits else logits > 0.0
+        if not batched:
+            masks, scores, low_res = masks[0], scores[0], low_res[0]
+        return Prediction(masks=masks, scores=scores, low_res_logits=low_res)
+
+    def _prompt_points(self, point_coords, point_labels, boxes, frame, mask_count):
+        """Build SAM's sparse prompt: points, then box corners (labels 2, 3), or a pad point.
+
+        Without a box SAM appends one padding point (label -1); a mask-only prompt is that pad.
+        """
+        if point_coords is None and point_labels is not None:
+            raise PromptError("point_labels given without point_coords")
+        parts_xy, parts_label, batched = [], [], False
+        count = mask_count if point_coords is None and boxes is None else None
+        if point_coords is not None:
+            if point_labels is None:
+                raise PromptError("point_coords need point_labels (1 foreground, 0 background)")
+            batched = np.ndim(point_coords) == 3
+            points, labels = check_points(point_coords, point_labels, frame, self.pre)
+            parts_xy.append(transform_points(points, frame, self.pre))
+            parts_label.append(labels)
+            count = points.shape[0]
+        if boxes is not None:
+            array = check_boxes(boxes, frame)
+            batched = batched or np.ndim(boxes) == 2
+            if count not in (None, 1, array.shape[0]):
+                raise PromptError(
+                    f"{count} point prompts cannot pair with {array.shape[0]} boxes",
+                    hint="give one point set per box, or one shared point set",
+                )
+            count = array.shape[0]
+            parts_xy = [np.broadcast_to(p, (count, *p.shape[1:])) for p in parts_xy]
+            parts_label = [np.broadcast_to(p, (count, *p.shape[1:])) for p in parts_label]
+            parts_xy.append(transform_boxes(array, frame, self.pre))
+            parts_label.append(np.broadcast_to(BOX_LABELS, (count, 2)))
+        else:
+            parts_xy.append(np.zeros((count, 1, 2), np.float32))
+            parts_label.append(np.full((count, 1), PAD_LABEL, np.float32))
+        coords = np.ascontiguousarray(np.concatenate(parts_xy, axis=1), dtype=np.float32)
+        labels = np.ascontiguousarray(np.concatenate(parts_label, axis=1), dtype=np.float32)
+        return coords, labels, batched
+
+    def _mask_prompt(self, mask_input, count):
+        size = self.pre.mask_size
+        if mask_input is None:
+            return (np.zeros((count, 1, size, size), np.float32), np.zeros(count, np.float32))
+        mask = np.asarray(mask_input, dtype=np.float32)
+        if mask.ndim == 3:
+            mask = mask[None]
+        if mask.shape[1:] != (1, size, size) or mask.shape[0] not in (1, count):
+            raise PromptError(
+                f"mask_input must be (1, {size}, {size}) or (B, 1, {size}, {size}); got "
+                f"{np.shape(mask_input)}",
+                hint="pass low_res_logits of a previous prediction",
+            )
+        if not np.isfinite(mask).all():
+            raise PromptError("mask_input contains NaN or Inf")
+        mask = np.ascontiguousarray(np.broadcast_to(mask, (count, 1, size, size)))
+        return mask, np.ones(count, np.float32)

@@ -1,0 +1,273 @@
+"""The one preprocessing definition: image → encoder tensor, prompts → model frame, logits → masks.
+
+Calibration, drift validation and the runtime all call these functions, so an INT8 engine is
+calibrated on exactly the tensors it will see at the bedside. Everything is numpy: resampling is
+done with separable weight matrices (``out = Wy @ img @ Wx.T``) that reproduce the upstream
+resizers (OpenCV ``INTER_AREA`` for LiteMedSAM, PIL bilinear for SAM, ``F.interpolate`` bilinear for
+mask upscaling) without pulling OpenCV, Pillow or torch into the bedside process.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+
+from samedge.errors import ImageError, PromptError
+
+Interpolation = Literal["area", "bilinear", "triangle_aa"]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a family turns an image into its encoder input, recorded verbatim in the manifest.
+
+    ``resize``: ``longest_side`` keeps the aspect and zero-pads bottom/right (SAM, LiteMedSAM);
+    ``stretch`` resizes to the square input (MedSAM ViT-B, Med-SA legacy).
+    ``interpolation``: ``area`` = OpenCV INTER_AREA, ``triangle_aa`` = PIL bilinear (antialiased
+    when shrinking, what SAM's ResizeLongestSide does), ``bilinear`` = plain bilinear.
+    ``normalize``: ``minmax`` maps the resized image to [0, 1] (LiteMedSAM, MedSAM);
+    ``mean_std`` subtracts ``pixel_mean`` and divides by ``pixel_std`` in the 0–255 scale (SAM);
+    ``unit`` divides by 255 (Med-SA legacy, SAMed after windowing).
+    ``box_rounding``: ``floor`` truncates box coordinates after scaling (LiteMedSAM's ``int()``).
+    ``point_order``: ``yx`` for Med-SA's legacy (row, col) clicks.
+    """
+
+    image_size: int
+    resize: Literal["longest_side", "stretch"] = "longest_side"
+    interpolation: Interpolation = "area"
+    normalize: Literal["minmax", "mean_std", "unit"] = "minmax"
+    pixel_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    pixel_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    round_resized: bool = True
+    box_rounding: Literal["none", "floor"] = "none"
+    point_order: Literal["xy", "yx"] = "xy"
+    mask_size: int = 256
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Preprocessing":
+        data = dict(data)
+        for key in ("pixel_mean", "pixel_std"):
+            if key in data:
+                data[key] = tuple(float(v) for v in data[key])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ImageFrame:
+    """Where an original image sits inside the square model input."""
+
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    input_size: int = field(default=0)
+
+
+def resized_shape(height: int, width: int, pre: Preprocessing) -> tuple[int, int]:
+    """Size of the image inside the model input; SAM rounds with ``int(x + 0.5)``."""
+    if pre.resize == "stretch":
+        return pre.image_size, pre.image_size
+    scale = pre.image_size / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def check_image(image: np.ndarray) -> np.ndarray:
+    """Validate an image and return it as float32 (H, W, 3): the only place images are vetted."""
+    try:
+        array = np.asarray(image)
+    except Exception as exc:  # ragged lists and the like
+        raise ImageError(f"image is not an array: {exc}") from exc
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise ImageError(f"image has non-numeric dtype {array.dtype}")
+    if array.ndim == 3 and array.shape[-1] == 4:
+        array = array[..., :3]
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
+        raise ImageError(
+            f"image must be (H, W) or (H, W, 3); got shape {array.shape}",
+            hint="pass one 2-D slice; for a volume use set_volume or pick a slice first",
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageError(f"image is empty (shape {array.shape})")
+    array = array.astype(np.float32, copy=False)
+    if not np.isfinite(array).all():
+        raise ImageError(
+            "image contains NaN or Inf values",
+            hint="replace missing values (e.g. np.nan_to_num) or window the data before segmenting",
+        )
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    return array
+
+
+@lru_cache(maxsize=64)
+def resize_matrix(n_in: int, n_out: int, method: Interpolation) -> np.ndarray:
+    """(n_out, n_in) float64 weights so that ``W @ signal`` resamples one axis."""
+    weights = np.zeros((n_out, n_in), dtype=np.float64)
+    scale = n_in / n_out
+    if method == "bilinear" or (method == "area" and n_out > n_in):
+        for i in range(n_out):
+            if method == "bilinear":  # half-pixel centres, clamped (F.interpolate, cv2 LINEAR)
+                pos = max((i + 0.5) * scale - 0.5, 0.0)
+                left = min(int(math.floor(pos)), n_in - 1)
+                frac = pos - left
+            else:  # OpenCV's INTER_AREA when enlarging
+                left = int(math.floor(i * scale))
+                frac = (i + 1) - (left + 1) / scale
+                frac = 0.0 if frac <= 0 else frac - math.floor(frac)
+            if left >= n_in - 1:
+                left, frac = n_in - 1, 0.0
+            weights[i, left] += 1.0 - frac
+            if frac:
+                weights[i, left + 1] += frac
+    elif method == "area":  # exact box averaging when shrinking
+        for i in range(n_out):
+            start, stop = i * scale, (i + 1) * scale
+            for j in range(int(math.floor(start)), min(int(math.ceil(stop)), n_in)):
+                weights[i, j] = min(stop, j + 1) - max(start, j)
+        weights /= weights.sum(axis=1, keepdims=True)
+    elif method == "triangle_aa":  # Pillow's BILINEAR with support widened when shrinking
+        support = max(scale, 1.0)
+        for i in range(n_out):
+            center = (i + 0.5) * scale
+            lo = max(int(center - support + 0.5), 0)
+            hi = min(int(center + support + 0.5), n_in)
+            taps = np.arange(lo, hi)
+            w = np.clip(1.0 - np.abs((taps - center + 0.5) / support), 0.0, None)
+            weights[i, lo:hi] = w / w.sum()
+    else:
+        raise ValueError(f"unknown interpolation {method!r}")
+    return weights
+
+
+def resize(image: np.ndarray, out_hw: tuple[int, int], method: Interpolation) -> np.ndarray:
+    """Resample an (H, W) or (H, W, C) float array to ``out_hw`` with separable weights."""
+    wy = resize_matrix(image.shape[0], out_hw[0], method).astype(np.float32)
+    wx = resize_matrix(image.shape[1], out_hw[1], method).astype(np.float32)
+    rows = np.tensordot(wy, image, axes=(1, 0))  # (h, W, ...)
+    return np.moveaxis(np.tensordot(wx, rows, axes=(1, 1)), 0, 1)
+
+
+def preprocess(image: np.ndarray, pre: Preprocessing) -> tuple[np.ndarray, ImageFrame]:
+    """Image (H, W) or (H, W, 3), any numeric range → encoder input (1, 3, S, S) float32."""
+    pixels = check_image(image)
+    height, width = pixels.shape[:2]
+    new_hw = resized_shape(height, width, pre)
+    if (height, width) != new_hw:
+        pixels = resize(pixels, new_hw, pre.interpolation)
+        if pre.round_resized:  # the upstream resizers return uint8
+            pixels = np.clip(np.rint(pixels), 0, 255)
+    if pre.normalize == "minmax":
+        lo, hi = float(pixels.min()), float(pixels.max())
+        pixels = (pixels - lo) / max(hi - lo, 1e-8)
+    elif pre.normalize == "mean_std":
+        pixels = (pixels - np.asarray(pre.pixel_mean, np.float32)) / np.asarray(
+            pre.pixel_std, np.float32
+        )
+    else:
+        pixels = pixels / 255.0
+    tensor = np.zeros((1, 3, pre.image_size, pre.image_size), dtype=np.float32)
+    tensor[0, :, : new_hw[0], : new_hw[1]] = np.moveaxis(pixels, -1, 0)
+    return tensor, ImageFrame((height, width), new_hw, pre.image_size)
+
+
+def _scale(frame: ImageFrame) -> np.ndarray:
+    (h, w), (nh, nw) = frame.original_hw, frame.resized_hw
+    return np.array([nw / w, nh / h], dtype=np.float64)
+
+
+def transform_points(coords: np.ndarray, frame: ImageFrame, pre: Preprocessing) -> np.ndarray:
+    """(..., 2) points in original pixels, in the family's order → (x, y) in the model frame."""
+    points = np.asarray(coords, dtype=np.float64)
+    if pre.point_order == "yx":
+        points = points[..., ::-1]
+    return (points * _scale(frame)).astype(np.float32)
+
+
+def transform_boxes(boxes: np.ndarray, frame: ImageFrame, pre: Preprocessing) -> np.ndarray:
+    """(B, 4) xyxy boxes in original pixels → (B, 2, 2) corner points in the model frame."""
+    corners = np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2) * _scale(frame)
+    if pre.box_rounding == "floor":
+        corners = np.floor(corners)
+    return corners.astype(np.float32)
+
+
+def check_boxes(boxes: np.ndarray, frame: ImageFrame) -> np.ndarray:
+    """Reject boxes that are malformed, inverted or reach outside the image."""
+    array = np.asarray(boxes, dtype=np.float64)
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2 or array.shape[-1] != 4 or array.shape[0] == 0:
+        raise PromptError(f"boxes must be (4,) or (B, 4) xyxy; got shape {np.shape(boxes)}")
+    if not np.isfinite(array).all():
+        raise PromptError("boxes contain NaN or Inf")
+    height, width = frame.original_hw
+    bad = (array[:, 2] < array[:, 0]) | (array[:, 3] < array[:, 1])
+    if bad.any():
+        raise PromptError(
+            f"box {array[bad][0].tolist()} has x1 < x0 or y1 < y0",
+            hint="boxes are (x0, y0, x1, y1) with the top-left corner first",
+        )
+    outside = (array[:, :2] < 0).any(axis=1) | (array[:, 2] > width) | (array[:, 3] > height)
+    if outside.any():
+        raise PromptError(
+            f"box {array[outside][0].tolist()} lies outside the {width}x{height} image",
+            hint="clip boxes to [0, width] x [0, height] of the image passed to set_image",
+        )
+    return array
+
+
+def check_points(coords: np.ndarray, labels: np.ndarray, frame: ImageFrame, pre: Preprocessing):
+    """Reject point prompts that are malformed or outside the image; return (B, N, 2), (B, N)."""
+    points = np.asarray(coords, dtype=np.float64)
+    marks = np.asarray(labels)
+    if points.ndim == 2:
+        points, marks = points[None], marks[None] if marks.ndim == 1 else marks
+    if points.ndim != 3 or points.shape[-1] != 2 or points.shape[1] == 0:
+        raise PromptError(f"point_coords must be (N, 2) or (B, N, 2); got {np.shape(coords)}")
+    if marks.shape != points.shape[:2]:
+        raise PromptError(
+            f"point_labels shape {np.shape(labels)} does not match point_coords {np.shape(coords)}"
+        )
+    if not np.isfinite(points).all():
+        raise PromptError("point_coords contain NaN or Inf")
+    if not np.isin(marks, (-1, 0, 1)).all():
+        raise PromptError(
+            f"point labels must be 1 (foreground), 0 (background) or -1 (padding); got "
+            f"{sorted(set(np.unique(marks).tolist()))}",
+            hint="pass boxes through the boxes= argument, not as labelled points",
+        )
+    height, width = frame.original_hw
+    xy = points[..., ::-1] if pre.point_order == "yx" else points
+    if (xy < 0).any() or (xy[..., 0] > width).any() or (xy[..., 1] > height).any():
+        raise PromptError(f"a point lies outside the {width}x{height} image")
+    return points, marks.astype(np.float32)
+
+
+@lru_cache(maxsize=32)
+def _mask_maps(low_res: int, frame: ImageFrame, pre_resize: str) -> tuple[np.ndarray, np.ndarray]:
+    """One matrix per axis for: bilinear to the input size, crop the padding, bilinear to original.
+
+    Composing the three linear steps into one product keeps mask upscaling for 16 prompts at a
+    few milliseconds while matching SAM's postprocess_masks to float rounding.
+    """
+    size = frame.input_size
+    maps = []
+    for axis in (0, 1):
+        to_input = resize_matrix(low_res, size, "bilinear")
+        kept = frame.resized_hw[axis] if pre_resize == "longest_side" else size
+        to_orig = resize_matrix(kept, frame.original_hw[axis], "bilinear")
+        maps.append((to_orig @ to_input[:kept]).astype(np.float32))
+    return maps[0], maps[1]
+
+
+def upscale_logits(low_res: np.ndarray, frame: ImageFrame, pre: Preprocessing) -> np.ndarray:
+    """(B, K, m, m) low-res logits → (B, K, H, W) logits at the original image size."""
+    wy, wx = _mask_maps(low_res.shape[-1], frame, pre.resize)
+    return np.einsum("hm,bkmn,wn->bkhw", wy, low_res.astype(np.float32), wx, optimize=True)
