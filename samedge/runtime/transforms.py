@@ -34,6 +34,8 @@ class Preprocessing:
     ``unit`` divides by 255 (Med-SA legacy, SAMed after windowing).
     ``box_rounding``: ``floor`` truncates box coordinates after scaling (LiteMedSAM's ``int()``).
     ``point_order``: ``yx`` for Med-SA's legacy (row, col) clicks.
+    ``ct_window``: the (level, width) in HU a family was trained on (SAMed, MA-SAM, Med-SA 3D), for
+    sources to window CT with before this preprocessing; ``None`` = the source's default.
     """
 
     image_size: int
@@ -46,6 +48,7 @@ class Preprocessing:
     box_rounding: Literal["none", "floor"] = "none"
     point_order: Literal["xy", "yx"] = "xy"
     mask_size: int = 256
+    ct_window: tuple[float, float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,8 +56,8 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, data: dict) -> "Preprocessing":
         data = dict(data)
-        for key in ("pixel_mean", "pixel_std"):
-            if key in data:
+        for key in ("pixel_mean", "pixel_std", "ct_window"):
+            if data.get(key) is not None:
                 data[key] = tuple(float(v) for v in data[key])
         return cls(**data)
 
