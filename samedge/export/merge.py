@@ -78,7 +78,7 @@ def merge_samed(reference: SamParts) -> SamParts:
                       low_rank(lora.linear_b_v.weight, lora.linear_a_v.weight))
         attn = _attention(qkv, blk.attn.proj, blk.attn.num_heads,
                           (blk.attn.rel_pos_h, blk.attn.rel_pos_w), blk.window_size, grid)
-        blocks.append(Block(blk.norm1, attn, blk.norm2, blk.mlp, blk.window_size))
+        blocks.append(Block(blk.norm1, attn, blk.norm2, blk.mlp, blk.window_size, grid))
     encoder = Encoder(enc.patch_embed, enc.pos_embed, blocks, enc.neck, enc.img_size)
     return SamParts(encoder, reference.prompt_encoder, _fold_decoder_lora(reference.mask_decoder))
 
@@ -115,7 +115,8 @@ def merge_masam(reference: SamParts) -> SamParts:
                          depth, grid)
             for s in ("", "_2")
         ]
-        blocks.append(SliceAdapterBlock(blk.norm1, attn, blk.norm2, blk.mlp, blk.window_size, *adapters))
+        blocks.append(SliceAdapterBlock(blk.norm1, attn, blk.norm2, blk.mlp, blk.window_size, grid,
+                                        *adapters))
     encoder = Encoder(vit.patch_embed, vit.pos_embed, blocks, vit.neck, vit.img_size, depth)
     return SamParts(encoder, reference.prompt_encoder, reference.mask_decoder)
 
@@ -153,12 +154,12 @@ def merge_medsa(reference: SamParts) -> SamParts:
                 regroup = DepthRegroup(blk.chunk, closest_numbers(blk.chunk), tokens, c)
             attn = _attention(qkv, a.proj, a.num_heads, a.rel_pos, window, grid,
                               [regroup.grid] if regroup else [])
-            blocks.append(AdapterBlock(blk.norm1, attn, blk.norm2, mlp, window, blk.Space_Adapter,
+            blocks.append(AdapterBlock(blk.norm1, attn, blk.norm2, mlp, window, grid, blk.Space_Adapter,
                                        blk.MLP_Adapter, blk.scale,
                                        blk.Depth_Adapter if regroup else None, regroup))
         else:
             attn = _attention(qkv, a.proj, a.num_heads, a.rel_pos, window, grid)
-            blocks.append(Block(blk.norm1, attn, blk.norm2, mlp, window))
+            blocks.append(Block(blk.norm1, attn, blk.norm2, mlp, window, grid))
     with torch.no_grad():
         pos_embed = enc.resized_pos_embed((grid, grid))
     encoder = Encoder(enc.patch_embed, pos_embed, blocks, enc.neck, enc.img_size, depth)

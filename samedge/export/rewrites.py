@@ -162,3 +162,118 @@ def rewrite_encoder(encoder: nn.Module) -> nn.Module:
         if layer.downsample is not None:
             layer.downsample = MergeBlock(layer.downsample)
     return enc
+
+
+# -- decoder ------------------------------------------------------------------------------------
+def _heads_weight(linear: nn.Linear, heads: int) -> torch.Tensor:
+    """(out, in) weight of a projection → (heads, out/heads, in)."""
+    out, inp = linear.weight.shape
+    return linear.weight.detach().reshape(heads, out // heads, inp).clone()
+
+
+class FastPromptDecoder(nn.Module):
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.inner = decoder
+        md = decoder.mask_decoder
+        tr = md.transformer
+        self.heads = tr.layers[0].cross_attn_token_to_image.num_heads
+        self.register_buffer("pe_tokens", decoder.dense_pe.flatten(2).transpose(1, 2).clone())
+        # upscaler as matmuls
+        ct1, ln, _, ct2, _ = md.output_upscaling
+        self.register_buffer("up1_w", ct1.weight.detach().permute(0, 2, 3, 1).reshape(
+            ct1.in_channels, -1).clone())
+        self.register_buffer("up1_b", ct1.bias.detach().repeat(4).clone())
+        self.up1_out = ct1.out_channels
+        self.register_buffer("ln_w", ln.weight.detach().clone())
+        self.register_buffer("ln_b", ln.bias.detach().clone())
+        self.ln_eps = ln.eps
+        self.register_buffer("up2_w", ct2.weight.detach().permute(0, 2, 3, 1).reshape(
+            ct2.in_channels, -1).clone())
+        self.register_buffer("up2_b", ct2.bias.detach().repeat(4).clone())
+        self.up2_out = ct2.out_channels
+
+    # token → image: T queries attend to HW image keys; keys never projected
+    def _token_to_image(self, attn, q_tokens, k_image, v_image):
+        B, T, _ = q_tokens.shape
+        h = attn.num_heads
+        q = attn.q_proj(q_tokens)  # (B, T, Ci)
+        ci = q.shape[-1]
+        d = ci // h
+        q = q.reshape(B, T, h, d).transpose(1, 2)  # (B, h, T, d)
+        wk = attn.k_proj.weight.reshape(h, d, -1)  # (h, d, C)
+        g = torch.matmul(q, wk) * (1.0 / math.sqrt(d))  # (B, h, T, C)
+        g = g.reshape(B, h * T, -1)
+        s = torch.matmul(g, k_image.transpose(1, 2))  # (B, hT, HW)
+        a = s.softmax(dim=-1)
+        r = torch.matmul(a, v_image).reshape(B, h, T, -1)  # (B, h, T, C)
+        wv = attn.v_proj.weight.reshape(h, d, -1).transpose(1, 2)  # (h, C, d)
+        o = torch.matmul(r, wv) + attn.v_proj.bias.reshape(h, 1, d)  # (B, h, T, d)
+        o = o.transpose(1, 2).reshape(B, T, ci)
+        return attn.out_proj(o)
+
+    # image → token: HW image queries attend to T token keys
+    def _image_to_token(self, attn, q_image, k_tokens, v_tokens):
+        B, T, _ = k_tokens.shape
+        h = attn.num_heads
+        k = attn.k_proj(k_tokens)
+        ci = k.shape[-1]
+        d = ci // h
+        k = k.reshape(B, T, h, d).transpose(1, 2)  # (B, h, T, d)
+        wq = attn.q_proj.weight.reshape(h, d, -1)  # (h, d, C)
+        scale = 1.0 / math.sqrt(d)
+        f = (torch.matmul(k, wq) * scale).reshape(B, h * T, -1)  # (B, hT, C)
+        fb = (torch.matmul(k, attn.q_proj.bias.reshape(h, d, 1)) * scale).reshape(B, 1, h * T)
+        s = torch.matmul(q_image, f.transpose(1, 2)) + fb  # (B, HW, hT)
+        hw = s.shape[1]
+        a = s.reshape(B, hw, h, T).softmax(dim=-1).reshape(B, hw, h * T)
+        v = attn.v_proj(v_tokens).reshape(B, T, h, d).transpose(1, 2)  # (B, h, T, d)
+        wo = attn.out_proj.weight.reshape(-1, h, d).permute(1, 2, 0)  # (h, d, C)
+        u = torch.matmul(v, wo).reshape(B, h * T, -1)  # (B, hT, C)
+        return torch.matmul(a, u) + attn.out_proj.bias
+
+    def forward(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input):
+        dec = self.inner
+        md = dec.mask_decoder
+        tr = md.transformer
+        sparse = dec.embed_points(point_coords, point_labels)
+        dense = dec.embed_masks(mask_input, has_mask_input)
+        B = sparse.shape[0]
+        tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
+        tokens = torch.cat([tokens.unsqueeze(0).expand(B, -1, -1), sparse], dim=1)
+        C, Hh, Ww = image_embeddings.shape[1:]
+        image = image_embeddings.flatten(2).transpose(1, 2)  # (1, HW, C)
+        keys = image + dense.flatten(2).transpose(1, 2)  # (B, HW, C)
+        pe = self.pe_tokens
+        queries, query_pe = tokens, tokens
+        for layer in tr.layers:
+            if layer.skip_first_layer_pe:
+                queries = layer.self_attn(q=queries, k=queries, v=queries)
+            else:
+                q = queries + query_pe
+                queries = queries + layer.self_attn(q=q, k=q, v=queries)
+            queries = layer.norm1(queries)
+            k_pe = keys + pe
+            queries = layer.norm2(queries + self._token_to_image(
+                layer.cross_attn_token_to_image, queries + query_pe, k_pe, keys))
+            queries = layer.norm3(queries + layer.mlp(queries))
+            keys = layer.norm4(keys + self._image_to_token(
+                layer.cross_attn_image_to_token, k_pe, queries + query_pe, queries))
+        queries = tr.norm_final_attn(queries + self._token_to_image(
+            tr.final_attn_token_to_image, queries + query_pe, keys + pe, keys))
+        iou_out = queries[:, 0, :]
+        mask_out = queries[:, 1: 1 + md.num_mask_tokens, :]
+        # upscaling: two 2x2/stride-2 transposed convs as per-pixel matmuls, channels last
+        y = torch.matmul(keys, self.up1_w) + self.up1_b  # (B, HW, 4*c1)
+        y = y.reshape(B, Hh * Ww * 4, self.up1_out)
+        y = F.layer_norm(y, (self.up1_out,), self.ln_w, self.ln_b, self.ln_eps)
+        y = F.gelu(y)
+        y = torch.matmul(y, self.up2_w) + self.up2_b  # (B, HW*4, 4*c2)
+        y = F.gelu(y).reshape(B, Hh * Ww * 16, self.up2_out)
+        hyper = torch.stack(
+            [mlp(mask_out[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)], dim=1)
+        k = hyper.shape[1]
+        masks = torch.matmul(hyper, y.transpose(1, 2))  # (B, K, HW*16) in (i, j, di, dj, ei, ej)
+        masks = masks.reshape(B * k, Hh, Ww, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
+        masks = masks.reshape(B, k, Hh * 4, Ww * 4)
+        return masks, md.iou_prediction_head(iou_out)

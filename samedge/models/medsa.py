@@ -12,9 +12,9 @@ three eras: ``rel_pos_h|w`` (loaded from SAM), none, and ``rel_h|w`` (never load
 
 Decoder (HEAD): ``max(4, n)`` mask tokens, output tokens ``0:n`` (n = ``-multimask_output``,
 default 1) whatever the multimask flag says; since 2024-01-03 its TwoWayTransformer is
-EfficientSAM's (``mlp.layers.0.0``/``mlp.fc`` keys, and the self-attention keeps a residual in the
-first layer and adds the query PE to the queries in later ones), before that SAM's. Both are read
-from the keys.
+EfficientSAM's (``mlp.layers.0.0``/``mlp.fc`` keys; its first self-attention keeps a residual, and
+later ones add the query PE into the queries themselves, values and residual included), before
+that SAM's. Both are read from the keys.
 
 3D (``-thd True -chunk D``): the batch is D slices; each block also attends over the slices of
 every token (the leading dim regrouped ``(b d) h w c -> (b h w) d c``, D viewed as the
@@ -52,7 +52,6 @@ from samedge.runtime.transforms import Preprocessing
 
 Era = Literal["legacy", "2025"]
 MEDSA_3D_CT_WINDOW = (37.5, 425.0)  # MONAI ScaleIntensityRange a_min -175, a_max 250 → [0, 1]
-POS_GRID = 64  # Med-SA's pos_embed is always 1024 // 16 per side
 LORA_GLOBAL_GRID = 64  # sam_lora global blocks keep rel-pos for a 64×64 grid at any input size
 
 
@@ -567,6 +566,8 @@ def build_medsa(
         + (" (all zero: dropped from the merged graph)" if zero else ""),
         "pos_embed (1, 64, 64, C) bicubic-resized to the token grid once, as a constant",
         "images are stretched to the square input (torchvision Resize)",
+        "logits upsample to -out_size with " + ("nearest (legacy)" if era == "legacy" else "bilinear")
+        + "; the runtime upsamples bilinearly",
     ]
     if depth > 1:
         dh, dw = closest_numbers(depth)

@@ -170,32 +170,48 @@ def _check_lora_fits(lora: dict, base_config: SamConfig, rank: int | None, path)
     return r
 
 
-def _full_state(reference: nn.Module, base: dict, lora: dict, config: SamConfig,
-                rule: GlobalRule) -> dict[str, torch.Tensor]:
-    """Upstream full-model names of the LoRA-wrapped Sam, filled from the base and the LoRA file."""
-    plain_keys = [re.sub(r"attn\.qkv\.qkv\.", "attn.qkv.", k) for k in reference.state_dict()
-                  if not re.search(r"\.(linear_[ab]_[qv]|w_[ab])\.weight$", k)]
-    plain_keys = [re.sub(r"_proj\.proj\.", "_proj.", k) for k in plain_keys]
-    state = samed_load_from(plain_keys, base, config.image_size, config.patch_size, rule,
-                            config.global_attn_indexes)
-    state.update({k: v for k, v in lora.items() if k.startswith(("prompt_encoder.", "mask_decoder."))})
-    full = {re.sub(r"(blocks\.\d+\.attn\.qkv)\.", r"\1.qkv.", k): v for k, v in state.items()}
+WRAPPED_PROJ = re.compile(
+    r"(mask_decoder\.transformer\.(?:layers\.\d+\.\w+|final_attn_token_to_image)\.[qv]_proj)\."
+)
+LORA_WEIGHT = re.compile(r"\.(linear_[ab]_[qv]|w_[ab])\.weight$")
+
+
+def _wrapped(key: str, decoder_lora: bool) -> str:
+    """A plain SAM key → its name after LoRA_Sam's surgery (qkv and, SAMed_s, q/v_proj wrapped)."""
+    key = re.sub(r"(blocks\.\d+\.attn\.qkv)\.", r"\1.qkv.", key)
+    return WRAPPED_PROJ.sub(r"\1.proj.", key) if decoder_lora else key
+
+
+def _plain(key: str) -> str:
+    """Inverse of :func:`_wrapped` (the names SAMed's ``load_from`` sees, before the surgery)."""
+    return re.sub(r"(\.qkv|_proj)\.(qkv|proj)\.", r"\1.", key)
+
+
+def _lora_names(lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """w_a_/w_b_ (k = 2·block + q|v) and SAMed_s sa_/cti_/cit_ (j = 2·layer + q|v), fati_*."""
+    out = {}
     for k, v in lora.items():
         if m := re.fullmatch(r"w_([ab])_(\d{3})", k):
             block, which = divmod(int(m.group(2)), 2)
-            full[f"image_encoder.blocks.{block}.attn.qkv.linear_{m.group(1)}_{'qv'[which]}.weight"] = v
+            out[f"image_encoder.blocks.{block}.attn.qkv.linear_{m.group(1)}_{'qv'[which]}.weight"] = v
         elif m := re.fullmatch(r"(sa|cti|cit)_([ab])_(\d{3})", k):
             layer, which = divmod(int(m.group(3)), 2)
             name = f"mask_decoder.transformer.layers.{layer}.{DECODER_LORA[m.group(1)]}"
-            full[f"{name}.{'qv'[which]}_proj.w_{m.group(2)}.weight"] = v
+            out[f"{name}.{'qv'[which]}_proj.w_{m.group(2)}.weight"] = v
         elif m := re.fullmatch(r"fati_([qv])([ab])", k):
-            full[f"mask_decoder.transformer.final_attn_token_to_image.{m.group(1)}_proj.w_{m.group(2)}.weight"] = v
-    decoder_lora_projs = {re.sub(r"\.w_[ab]\.weight$", "", k) for k in full if k.endswith((".w_a.weight", ".w_b.weight"))}
-    for proj in decoder_lora_projs:  # base decoder projections move under .proj
-        for p in ("weight", "bias"):
-            if f"{proj}.{p}" in full:
-                full[f"{proj}.proj.{p}"] = full.pop(f"{proj}.{p}")
-    return full
+            out[f"mask_decoder.transformer.final_attn_token_to_image.{m.group(1)}_proj.w_{m.group(2)}.weight"] = v
+    return out
+
+
+def _full_state(reference: nn.Module, base: dict, lora: dict, config: SamConfig,
+                rule: GlobalRule, decoder_lora: bool) -> dict[str, torch.Tensor]:
+    """The wrapped Sam's full state under upstream names: base through ``load_from``, then the
+    file's prompt encoder and decoder over it (SAMed_s: decoder minus transformer), then LoRA."""
+    plain_keys = [_plain(k) for k in reference.state_dict() if not LORA_WEIGHT.search(k)]
+    state = samed_load_from(plain_keys, base, config.image_size, config.patch_size, rule,
+                            config.global_attn_indexes)
+    state.update({k: v for k, v in lora.items() if k.startswith(("prompt_encoder.", "mask_decoder."))})
+    return {**{_wrapped(k, decoder_lora): v for k, v in state.items()}, **_lora_names(lora)}
 
 
 def _check_rel_pos_rule(reference: nn.Module, full: dict, rule: GlobalRule, config: SamConfig) -> None:
@@ -284,7 +300,7 @@ def build_samed(
     config = replace(base_config, image_size=image_size, prompt_dim=shape.prompt_dim,
                      num_multimask_outputs=shape.num_mask_tokens - 1)
     reference = samed_reference(config, shape, r, decoder_lora)
-    full = _full_state(reference, base_state, lora, config, rule)
+    full = _full_state(reference, base_state, lora, config, rule, decoder_lora)
     _check_rel_pos_rule(reference, full, rule, config)
     load_into(reference, full, f"{variant} ({variant_name(base_config)}, image {image_size}, "
                                f"global rel-pos rule {rule!r})")

@@ -14,6 +14,7 @@ ordinary modules too, so ``export/merge.py`` only rewires modules and folds weig
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -43,33 +44,35 @@ def add_rel_pos(attn: torch.Tensor, q: torch.Tensor, rh_t: torch.Tensor, rw_t: t
     rel_h[b,y,x,k] = Σ_c q[b,y,x,c]·Rh[y,k,c] is a matmul batched over y; rel_w likewise over x.
     """
     h, w = size
-    batch, _, dim = q.shape
-    r_q = q.reshape(batch, h, w, dim)
-    rel_h = torch.matmul(r_q.permute(1, 0, 2, 3).reshape(h, batch * w, dim), rh_t)
-    rel_h = rel_h.reshape(h, batch, w, h).permute(1, 0, 2, 3)
-    rel_w = torch.matmul(r_q.permute(2, 0, 1, 3).reshape(w, batch * h, dim), rw_t)
-    rel_w = rel_w.reshape(w, batch, h, w).permute(1, 2, 0, 3)
-    attn = attn.view(batch, h, w, h, w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
-    return attn.view(batch, h * w, h * w)
+    dim = rh_t.shape[1]
+    r_q = q.reshape(-1, h, w, dim)
+    rel_h = torch.matmul(r_q.permute(1, 0, 2, 3).reshape(h, -1, dim), rh_t)
+    rel_h = rel_h.reshape(h, -1, w, h).permute(1, 0, 2, 3)
+    rel_w = torch.matmul(r_q.permute(2, 0, 1, 3).reshape(w, -1, dim), rw_t)
+    rel_w = rel_w.reshape(w, -1, h, w).permute(1, 2, 0, 3)
+    attn = attn.reshape(-1, h, w, h, w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
+    return attn.reshape(-1, h * w, h * w)
 
 
 class Attention(nn.Module):
-    """SAM attention over (B, H, W, C) tokens with rel-pos tables baked per token grid.
+    """SAM attention over (B, h, w, C) tokens with rel-pos tables baked per token grid.
 
     ``rel_pos`` maps each grid the attention is called on (the window, the global grid, Med-SA's
     dh×dw depth grid) to the upstream ``(rel_pos_h, rel_pos_w)`` parameters; the gathered tables
     are computed with segment-anything's own ``get_rel_pos`` (including its linear resize) and
     stored as constants. All-zero parameters (Med-SA's frozen ``rel_h``) add nothing and are dropped.
+    The caller names the grid, so every reshape uses build-time integers.
     """
 
     def __init__(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int,
                  rel_pos: tuple[torch.Tensor, torch.Tensor] | None, grids: list[tuple[int, int]]):
         super().__init__()
-        self.qkv, self.proj, self.num_heads = qkv, proj, num_heads
-        self.scale = (qkv.in_features // num_heads) ** -0.5
-        self.grids: list[tuple[int, int]] = []
         from segment_anything.modeling.image_encoder import get_rel_pos
 
+        self.qkv, self.proj, self.num_heads = qkv, proj, num_heads
+        self.head_dim = qkv.in_features // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.grids: list[tuple[int, int]] = []
         if rel_pos is not None and any(bool(t.detach().abs().max() > 0) for t in rel_pos):
             with torch.no_grad():
                 for h, w in dict.fromkeys(grids):
@@ -79,43 +82,55 @@ class Attention(nn.Module):
                     self.register_buffer(f"rel_w_{h}x{w}", rw.transpose(1, 2).contiguous())
                     self.grids.append((h, w))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, h, w, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.reshape(3, batch * self.num_heads, h * w, -1).unbind(0)
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        h, w = grid
+        heads, dim = self.num_heads, self.head_dim
+        qkv = self.qkv(x).reshape(-1, h * w, 3, heads, dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, -1, h * w, dim).unbind(0)
         attn = (q * self.scale) @ k.transpose(-2, -1)
         if self.grids:
             rh_t, rw_t = getattr(self, f"rel_h_{h}x{w}"), getattr(self, f"rel_w_{h}x{w}")
-            attn = add_rel_pos(attn, q, rh_t, rw_t, (h, w))
+            attn = add_rel_pos(attn, q, rh_t, rw_t, grid)
         attn = attn.softmax(dim=-1)
-        out = (attn @ v).view(batch, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4)
-        return self.proj(out.reshape(batch, h, w, -1))
+        out = (attn @ v).reshape(-1, heads, h, w, dim).permute(0, 2, 3, 1, 4)
+        return self.proj(out.reshape(-1, h, w, heads * dim))
 
 
 class Block(nn.Module):
-    """SAM's block: ``x += Attn(LN1 x)`` (windowed unless global), ``x += MLP(LN2 x)``."""
+    """SAM's block: ``x += Attn(LN1 x)`` (windowed unless global), ``x += MLP(LN2 x)``.
+
+    ``grid`` is the token grid side; windows are cut with a static pad and 6-D reshape/permute
+    (SAM's ``window_partition`` computes the padding from traced shapes and branches on it).
+    """
 
     def __init__(self, norm1: nn.Module, attn: Attention, norm2: nn.Module, mlp: nn.Module,
-                 window_size: int):
+                 window_size: int, grid: int):
         super().__init__()
         self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
-        self.window_size = window_size
+        self.window_size, self.grid = window_size, grid
+        self.dim = attn.qkv.in_features
+        self.padded = -(-grid // window_size) * window_size if window_size else grid
+        self.tokens = (window_size, window_size) if window_size else (grid, grid)
 
-    def partition(self, x: torch.Tensor):
-        """SAM's window_partition (static Pad + 6-D reshape/permute), or nothing when global."""
-        from segment_anything.modeling.image_encoder import window_partition
+    def partition(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.window_size:
+            return x
+        pad, ws, n = self.padded - self.grid, self.window_size, self.padded // self.window_size
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad, 0, pad))
+        x = x.reshape(-1, n, ws, n, ws, self.dim).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(-1, ws, ws, self.dim)
 
-        return window_partition(x, self.window_size) if self.window_size > 0 else (x, None)
-
-    def unpartition(self, x: torch.Tensor, pad_hw, hw: tuple[int, int]) -> torch.Tensor:
-        from segment_anything.modeling.image_encoder import window_unpartition
-
-        return window_unpartition(x, self.window_size, pad_hw, hw) if self.window_size > 0 else x
+    def unpartition(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.window_size:
+            return x
+        ws, n = self.window_size, self.padded // self.window_size
+        x = x.reshape(-1, n, n, ws, ws, self.dim).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(-1, self.padded, self.padded, self.dim)
+        return x[:, : self.grid, : self.grid, :] if self.padded > self.grid else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hw = (x.shape[1], x.shape[2])
-        windows, pad_hw = self.partition(self.norm1(x))
-        x = x + self.unpartition(self.attn(windows), pad_hw, hw)
+        x = x + self.unpartition(self.attn(self.partition(self.norm1(x)), self.tokens))
         return x + self.mlp(self.norm2(x))
 
 
@@ -151,21 +166,20 @@ class AdapterBlock(Block):
     and adds ``Depth_Adapter`` of it, all inside the window layout as upstream does.
     """
 
-    def __init__(self, norm1, attn, norm2, mlp, window_size: int, space_adapter: Adapter,
-                 mlp_adapter: Adapter, scale: float, depth_adapter: Adapter | None = None,
-                 regroup: DepthRegroup | None = None):
-        super().__init__(norm1, attn, norm2, mlp, window_size)
+    def __init__(self, norm1, attn, norm2, mlp, window_size: int, grid: int,
+                 space_adapter: Adapter, mlp_adapter: Adapter, scale: float,
+                 depth_adapter: Adapter | None = None, regroup: DepthRegroup | None = None):
+        super().__init__(norm1, attn, norm2, mlp, window_size, grid)
         self.Space_Adapter, self.MLP_Adapter, self.scale = space_adapter, mlp_adapter, scale
         self.Depth_Adapter, self.regroup = depth_adapter, regroup
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hw = (x.shape[1], x.shape[2])
-        windows, pad_hw = self.partition(x)
-        a = self.Space_Adapter(self.attn(self.norm1(windows)))
+        windows = self.partition(x)
+        a = self.Space_Adapter(self.attn(self.norm1(windows), self.tokens))
         if self.regroup is not None:
-            xd = self.attn(self.norm1(self.regroup.to_depth(windows)))
+            xd = self.attn(self.norm1(self.regroup.to_depth(windows)), self.regroup.grid)
             a = a + self.regroup.from_depth(self.Depth_Adapter(xd))
-        x = x + self.unpartition(a, pad_hw, hw)
+        x = x + self.unpartition(a)
         xn = self.norm2(x)
         return x + self.mlp(xn) + self.scale * self.MLP_Adapter(xn)
 
@@ -197,16 +211,14 @@ class SliceAdapter(nn.Module):
 class SliceAdapterBlock(Block):
     """MA-SAM's block: ``x += A1(x)``; ``x += Attn(LN1 x)``; ``x += A2(x)``; ``x += MLP(LN2 x)``."""
 
-    def __init__(self, norm1, attn, norm2, mlp, window_size: int, adapter1: SliceAdapter,
-                 adapter2: SliceAdapter):
-        super().__init__(norm1, attn, norm2, mlp, window_size)
+    def __init__(self, norm1, attn, norm2, mlp, window_size: int, grid: int,
+                 adapter1: SliceAdapter, adapter2: SliceAdapter):
+        super().__init__(norm1, attn, norm2, mlp, window_size, grid)
         self.adapter1, self.adapter2 = adapter1, adapter2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.adapter1(x)
-        hw = (x.shape[1], x.shape[2])
-        windows, pad_hw = self.partition(self.norm1(x))
-        x = x + self.unpartition(self.attn(windows), pad_hw, hw)
+        x = x + self.unpartition(self.attn(self.partition(self.norm1(x)), self.tokens))
         x = x + self.adapter2(x)
         return x + self.mlp(self.norm2(x))
 

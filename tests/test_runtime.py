@@ -1,0 +1,144 @@
+"""The runtime against the FP32 PyTorch model on the real LiteMedSAM weights and real slices."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from samedge.calibration.prompts import auto_boxes
+from samedge.errors import BundleError, PromptError
+from samedge.models.reference import TorchReference
+from samedge.runtime import Bundle, Predictor
+
+LOGIT_TOL = dict(atol=1e-4, rtol=1e-4)  # runtime low-res logits vs torch, float32
+
+
+def dice(a, b):
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else 2 * (a & b).sum() / total
+
+
+@pytest.fixture(scope="module")
+def references(litemedsam_card, real_slices):
+    reference = TorchReference(litemedsam_card)
+    out = []
+    for item in real_slices:
+        reference.set_image(item.image)
+        boxes = auto_boxes(item.image)
+        out.append((item, boxes, reference.predict(boxes=boxes)))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_fp32_masks_agree_with_pytorch_on_every_prompt(litemedsam_bundle, references, backend):
+    predictor = Predictor(litemedsam_bundle, backend=backend, threads=2)
+    for item, boxes, expected in references:
+        predictor.set_image(item.image)
+        result = predictor.predict(boxes=boxes, return_logits=True)
+        assert result.masks.shape == (len(boxes), 1, *item.image.shape[:2])
+        np.testing.assert_allclose(result.low_res_logits, expected["low_res_logits"], **LOGIT_TOL)
+        for got, want in zip(result.masks > 0, expected["logits"] > 0):
+            assert dice(got, want) >= 0.99, item.name
+
+
+def test_decoder_takes_1_to_16_prompts_and_points(litemedsam_bundle, litemedsam_card,
+                                                  real_slices):
+    item = next(s for s in real_slices if s.name == "693_J2KI.dcm")
+    reference = TorchReference(litemedsam_card)
+    reference.set_image(item.image)
+    predictor = Predictor(litemedsam_bundle, threads=2)
+    predictor.set_image(item.image)
+    rng = np.random.default_rng(1)
+    box = auto_boxes(item.image)[0]
+    for count, points in ((1, 1), (4, 7), (16, 16)):
+        coords = rng.uniform(box[:2], box[2:], (count, points, 2))
+        labels = rng.integers(0, 2, (count, points))
+        boxes = np.tile(box, (count, 1))
+        got = predictor.predict(point_coords=coords, point_labels=labels, boxes=boxes)
+        want = reference.predict(point_coords=coords, point_labels=labels, boxes=boxes)
+        assert got.masks.shape[0] == count
+        np.testing.assert_allclose(got.low_res_logits, want["low_res_logits"], **LOGIT_TOL)
+
+
+def test_single_prompt_is_unbatched_and_multimask_gives_three(litemedsam_bundle, real_slices):
+    predictor = Predictor(litemedsam_bundle, threads=2)
+    image = real_slices[0].image
+    predictor.set_image(image)
+    single = predictor.predict(boxes=auto_boxes(image)[0])
+    assert single.masks.shape == (1, *image.shape[:2]) and single.masks.dtype == bool
+    multi = predictor.predict(point_coords=[[60, 60]], point_labels=[1], multimask_output=True)
+    assert multi.masks.shape == (3, *image.shape[:2]) and multi.scores.shape == (3,)
+    again = predictor.predict(boxes=auto_boxes(image)[0], mask_input=single.low_res_logits)
+    assert again.masks.shape == single.masks.shape
+
+
+def test_prompt_errors(litemedsam_bundle, real_slices):
+    predictor = Predictor(litemedsam_bundle, threads=2)
+    with pytest.raises(PromptError, match="set_image"):
+        predictor.predict(boxes=[0, 0, 5, 5])
+    predictor.set_image(real_slices[0].image)  # 128 x 128
+    with pytest.raises(PromptError, match="empty prompt"):
+        predictor.predict()
+    with pytest.raises(PromptError, match="outside"):
+        predictor.predict(boxes=[0, 0, 200, 50])
+    with pytest.raises(PromptError, match="x1 < x0"):
+        predictor.predict(boxes=[50, 0, 10, 50])
+    with pytest.raises(PromptError, match="mask_input"):
+        predictor.predict(boxes=[0, 0, 5, 5], mask_input=np.zeros((1, 64, 64)))
+
+
+def test_tampered_bundle_is_refused(bundle_copy):
+    target = bundle_copy / "decoder.onnx"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="decoder.onnx does not match"):
+        Predictor(bundle_copy)
+
+
+def test_incomplete_bundle_is_refused(bundle_copy):
+    (bundle_copy / "openvino" / "encoder_fp32.bin").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        Bundle(bundle_copy)
+
+
+def test_unsupported_bundle_version_is_refused(bundle_copy):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="version 99"):
+        Bundle(bundle_copy)
+
+
+def test_missing_precision_names_what_exists(litemedsam_bundle):
+    with pytest.raises(BundleError, match="encoder/onnx/fp32"):
+        Predictor(litemedsam_bundle, backend="onnxruntime", precision="int8")
+
+
+def test_runtime_imports_and_predicts_without_torch(litemedsam_bundle):
+    """The bedside process has numpy and one backend; torch must never be imported."""
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        import numpy as np
+        from samedge.runtime import Predictor
+        predictor = Predictor({str(litemedsam_bundle)!r}, backend="onnxruntime", threads=1)
+        image = (np.arange(96 * 80).reshape(96, 80) % 251).astype(np.uint8)
+        predictor.set_image(image)
+        result = predictor.predict(boxes=np.array([[10, 10, 60, 70], [0, 0, 80, 96]]))
+        assert result.masks.shape == (2, 1, 96, 80), result.masks.shape
+        assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "ok"
