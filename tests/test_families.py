@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import re
-import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -17,15 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import upstream_layouts as ul  # tests/ is on sys.path (pytest's default rootdir-relative import)
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import upstream_layouts as ul  # noqa: E402
-from samedge.errors import CheckpointError, FamilyMismatchError, KeyMismatchError  # noqa: E402
-from samedge.models import masam, medsa, samed  # noqa: E402
-from samedge.models.registry import FAMILIES  # noqa: E402
-from samedge.models.sam import SAM_PIXEL_MEAN, SAM_VARIANTS  # noqa: E402
-from samedge.models.vit_blocks import AdapterBlock, Encoder, SliceAdapterBlock  # noqa: E402
+from samedge.errors import CheckpointError, FamilyMismatchError, KeyMismatchError
+from samedge.models import masam, medsa, samed
+from samedge.models.registry import FAMILIES
+from samedge.models.sam import SAM_PIXEL_MEAN, SAM_VARIANTS
+from samedge.models.vit_blocks import AdapterBlock, Encoder, SliceAdapterBlock
 
 TOL = 1e-4
 

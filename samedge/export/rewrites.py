@@ -165,10 +165,7 @@ def rewrite_encoder(encoder: nn.Module) -> nn.Module:
 
 
 # -- decoder ------------------------------------------------------------------------------------
-def _heads_weight(linear: nn.Linear, heads: int) -> torch.Tensor:
-    """(out, in) weight of a projection → (heads, out/heads, in)."""
-    out, inp = linear.weight.shape
-    return linear.weight.detach().reshape(heads, out // heads, inp).clone()
+DEC_OPTIONS = {"hoist": True, "lowrank": True, "ft": True}
 
 
 class FastPromptDecoder(nn.Module):
@@ -177,8 +174,29 @@ class FastPromptDecoder(nn.Module):
         self.inner = decoder
         md = decoder.mask_decoder
         tr = md.transformer
-        self.heads = tr.layers[0].cross_attn_token_to_image.num_heads
-        self.register_buffer("pe_tokens", decoder.dense_pe.flatten(2).transpose(1, 2).clone())
+        pe_cf = decoder.dense_pe.flatten(2)  # (1, C, HW)
+        self.register_buffer("pe_tokens", pe_cf.transpose(1, 2).clone())
+        self.register_buffer("pe_cf", pe_cf.clone())
+        # mask prompt: last 1x1 conv of mask_downscaling, kept apart (low rank: 16 → 256)
+        down = decoder.prompt_encoder.mask_downscaling
+        self.mask_features = down[:-1]
+        last = down[-1]
+        self.register_buffer("mask_w", last.weight.detach()[:, :, 0, 0].clone())  # (C, r)
+        self.register_buffer("mask_b", last.bias.detach().clone())
+        self.register_buffer("no_mask", decoder.prompt_encoder.no_mask_embed.weight.detach()[0].clone())
+        # layer-0 token→image attention with image-only keys/values hoisted
+        attn = tr.layers[0].cross_attn_token_to_image
+        h = attn.num_heads
+        d = attn.internal_dim // h
+        wk = attn.k_proj.weight.detach().reshape(h, d, -1)  # (h, d, C)
+        wv = attn.v_proj.weight.detach().reshape(h, d, -1)
+        self.register_buffer("l0_wk", wk.clone())
+        self.register_buffer("l0_wv", wv.clone())
+        self.register_buffer("l0_mk", (wk @ self.mask_w).clone())  # (h, d, r)
+        self.register_buffer("l0_mv", (wv @ self.mask_w).transpose(1, 2).clone())  # (h, r, d)
+        self.register_buffer("l0_cv", (wv @ self.mask_b).clone())  # (h, d)
+        self.register_buffer("l0_nv", (wv @ self.no_mask).clone())  # (h, d)
+        self.register_buffer("l0_bv", attn.v_proj.bias.detach().reshape(h, d).clone())
         # upscaler as matmuls
         ct1, ln, _, ct2, _ = md.output_upscaling
         self.register_buffer("up1_w", ct1.weight.detach().permute(0, 2, 3, 1).reshape(
@@ -212,6 +230,28 @@ class FastPromptDecoder(nn.Module):
         o = o.transpose(1, 2).reshape(B, T, ci)
         return attn.out_proj(o)
 
+    def _token_to_image_l0(self, attn, q_tokens, image_cf, feats_cf, feats_cl, has):
+        """Layer 0: keys = image + pe + dense, values = image + dense, dense of rank r."""
+        B, T, _ = q_tokens.shape
+        h = attn.num_heads
+        q = attn.q_proj(q_tokens)
+        ci = q.shape[-1]
+        d = ci // h
+        q = q.reshape(B, T, h, d).permute(2, 0, 1, 3) * (1.0 / math.sqrt(d))  # (h, B, T, d)
+        k_sh = torch.matmul(self.l0_wk, image_cf + self.pe_cf)  # (h, d, HW) once
+        v_sh = torch.matmul(self.l0_wv, image_cf).transpose(1, 2)  # (h, HW, d) once
+        hw = k_sh.shape[-1]
+        s = torch.matmul(q.reshape(h, B * T, d), k_sh).reshape(h, B, T, hw)
+        hasm = has.reshape(1, B, 1, 1)
+        corr = torch.matmul(torch.matmul(q, self.l0_mk.unsqueeze(1)), feats_cf)  # (h,B,T,HW)
+        a = (s + hasm * corr).softmax(dim=-1)
+        r = torch.matmul(a.reshape(h, B * T, hw), v_sh).reshape(h, B, T, d)
+        rf = torch.matmul(torch.matmul(a, feats_cl), self.l0_mv.unsqueeze(1))  # (h, B, T, d)
+        const = hasm * self.l0_cv.reshape(h, 1, 1, d) + (1 - hasm) * self.l0_nv.reshape(h, 1, 1, d)
+        o = r + hasm * rf + const + self.l0_bv.reshape(h, 1, 1, d)
+        o = o.permute(1, 2, 0, 3).reshape(B, T, ci)
+        return attn.out_proj(o)
+
     # image → token: HW image queries attend to T token keys
     def _image_to_token(self, attn, q_image, k_tokens, v_tokens):
         B, T, _ = k_tokens.shape
@@ -220,11 +260,15 @@ class FastPromptDecoder(nn.Module):
         ci = k.shape[-1]
         d = ci // h
         k = k.reshape(B, T, h, d).transpose(1, 2)  # (B, h, T, d)
-        wq = attn.q_proj.weight.reshape(h, d, -1)  # (h, d, C)
         scale = 1.0 / math.sqrt(d)
-        f = (torch.matmul(k, wq) * scale).reshape(B, h * T, -1)  # (B, hT, C)
+        wq = attn.q_proj.weight.reshape(h, d, -1)  # (h, d, C)
+        if DEC_OPTIONS["ft"]:
+            ft = torch.matmul(wq.transpose(1, 2), k.transpose(2, 3)) * scale  # (B, h, C, T)
+            ft = ft.permute(0, 2, 1, 3).reshape(B, -1, h * T)
+        else:
+            ft = (torch.matmul(k, wq) * scale).reshape(B, h * T, -1).transpose(1, 2)
         fb = (torch.matmul(k, attn.q_proj.bias.reshape(h, d, 1)) * scale).reshape(B, 1, h * T)
-        s = torch.matmul(q_image, f.transpose(1, 2)) + fb  # (B, HW, hT)
+        s = torch.matmul(q_image, ft) + fb  # (B, HW, hT)
         hw = s.shape[1]
         a = s.reshape(B, hw, h, T).softmax(dim=-1).reshape(B, hw, h * T)
         v = attn.v_proj(v_tokens).reshape(B, T, h, d).transpose(1, 2)  # (B, h, T, d)
@@ -237,16 +281,24 @@ class FastPromptDecoder(nn.Module):
         md = dec.mask_decoder
         tr = md.transformer
         sparse = dec.embed_points(point_coords, point_labels)
-        dense = dec.embed_masks(mask_input, has_mask_input)
         B = sparse.shape[0]
         tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
         tokens = torch.cat([tokens.unsqueeze(0).expand(B, -1, -1), sparse], dim=1)
         C, Hh, Ww = image_embeddings.shape[1:]
-        image = image_embeddings.flatten(2).transpose(1, 2)  # (1, HW, C)
-        keys = image + dense.flatten(2).transpose(1, 2)  # (B, HW, C)
+        image_cf = image_embeddings.flatten(2)  # (1, C, HW)
+        image = image_cf.transpose(1, 2)  # (1, HW, C)
+        has = has_mask_input.reshape(-1, 1, 1)
+        if DEC_OPTIONS["lowrank"]:
+            feats_cf = self.mask_features(mask_input).flatten(2)  # (B, r, HW)
+            feats_cl = feats_cf.transpose(1, 2)  # (B, HW, r)
+            dense = has * (torch.matmul(feats_cl, self.mask_w.t()) + self.mask_b) + (1 - has) * self.no_mask
+            keys = image + dense
+        else:
+            dense = dec.embed_masks(mask_input, has_mask_input)
+            keys = image + dense.flatten(2).transpose(1, 2)  # (B, HW, C)
         pe = self.pe_tokens
         queries, query_pe = tokens, tokens
-        for layer in tr.layers:
+        for index, layer in enumerate(tr.layers):
             if layer.skip_first_layer_pe:
                 queries = layer.self_attn(q=queries, k=queries, v=queries)
             else:
@@ -254,8 +306,14 @@ class FastPromptDecoder(nn.Module):
                 queries = queries + layer.self_attn(q=q, k=q, v=queries)
             queries = layer.norm1(queries)
             k_pe = keys + pe
-            queries = layer.norm2(queries + self._token_to_image(
-                layer.cross_attn_token_to_image, queries + query_pe, k_pe, keys))
+            if index == 0 and DEC_OPTIONS["hoist"]:
+                update = self._token_to_image_l0(layer.cross_attn_token_to_image,
+                                                 queries + query_pe, image_cf, feats_cf,
+                                                 feats_cl, has_mask_input)
+            else:
+                update = self._token_to_image(layer.cross_attn_token_to_image,
+                                              queries + query_pe, k_pe, keys)
+            queries = layer.norm2(queries + update)
             queries = layer.norm3(queries + layer.mlp(queries))
             keys = layer.norm4(keys + self._image_to_token(
                 layer.cross_attn_image_to_token, k_pe, queries + query_pe, queries))
