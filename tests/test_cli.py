@@ -54,3 +54,17 @@ def test_unreadable_image(litemedsam_bundle, tmp_path, capsys):
     assert main(["--quiet", "predict", str(litemedsam_bundle), str(bad), "--box",
                  "0,0,5,5"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_cli_family_names_match_registry():
+    from samedge.cli import FAMILY_NAMES
+    from samedge.models import FAMILIES
+
+    assert sorted(FAMILY_NAMES) == sorted(FAMILIES)
+
+
+def test_family_options_are_checked(capsys):
+    assert main(["--quiet", "export", "--family", "samed"]) == 2
+    assert "needs base, checkpoint" in capsys.readouterr().err
+    assert main(["--quiet", "export", "--family", "litemedsam", "--num-classes", "3"]) == 2
+    assert "does not take num_classes" in capsys.readouterr().err

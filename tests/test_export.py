@@ -129,3 +129,22 @@ def test_export_refuses_to_overwrite_a_foreign_folder(sam_card, real_slices, tmp
     with pytest.raises(BundleError, match="refusing"):
         export_bundle(sam_card, tmp_path, [real_slices[0].image])
     assert (tmp_path / "notes.txt").read_text() == "patient data"
+
+
+def test_medsam_checkpoint_exports_with_its_own_preprocessing(sam_card, real_slices, tmp_path):
+    """MedSAM's released file is a flat SAM state dict; training files wrap it under 'model'."""
+    path = tmp_path / "medsam_train.pth"
+    torch.save({"model": sam_card.model.state_dict(), "epoch": 10}, path)
+    card = build_model("medsam", checkpoint=path, config=SMALL_VIT)
+    assert card.preprocessing.resize == "stretch" and card.preprocessing.normalize == "minmax"
+    image = next(s for s in real_slices if s.name == "examples_overlay.dcm").image
+    export_bundle(card, tmp_path / "bundle", [image], backends=("onnxruntime",),
+                  sam_interface=False)
+    reference, predictor = TorchReference(card), Predictor(tmp_path / "bundle", threads=2)
+    reference.set_image(image)
+    predictor.set_image(image)
+    boxes = auto_boxes(image)
+    got = predictor.predict(boxes=boxes, return_logits=True)
+    want = reference.predict(boxes=boxes)
+    assert got.masks.shape == (5, 1, 300, 484)
+    np.testing.assert_allclose(got.masks, want["logits"], atol=1e-3, rtol=1e-3)

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from samedge.errors import ImageError
+from samedge.runtime.transforms import apply_window  # one definition: the runtime windows raw HU too
 
 # Radiological (level, width) presets in Hounsfield units.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -88,13 +89,6 @@ def to_uint8(array: np.ndarray, modality: str, window: Window | None = None) -> 
     else:
         gray = percentile_scale(a)
     return np.repeat(gray[..., None], 3, axis=-1)
-
-
-def apply_window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
-    """Clip to ``[level - width/2, level + width/2]`` and stretch linearly to 0..255."""
-    low = level - width / 2.0
-    scaled = (np.clip(hu.astype(np.float64), low, low + width) - low) * 255.0 / width
-    return np.rint(scaled).astype(np.uint8)
 
 
 def percentile_scale(values: np.ndarray) -> np.ndarray:

@@ -165,7 +165,7 @@ def rewrite_encoder(encoder: nn.Module) -> nn.Module:
 
 
 # -- decoder ------------------------------------------------------------------------------------
-DEC_OPTIONS = {"hoist": True, "lowrank": True, "ft": True}
+DEC_OPTIONS = {"hoist": True, "lowrank": True, "ft": True, "t2i": "reassoc", "i2t": "reassoc"}
 
 
 class FastPromptDecoder(nn.Module):
@@ -213,6 +213,8 @@ class FastPromptDecoder(nn.Module):
 
     # token → image: T queries attend to HW image keys; keys never projected
     def _token_to_image(self, attn, q_tokens, k_image, v_image):
+        if DEC_OPTIONS["t2i"] == "proj":
+            return attn(q=q_tokens, k=k_image, v=v_image)
         B, T, _ = q_tokens.shape
         h = attn.num_heads
         q = attn.q_proj(q_tokens)  # (B, T, Ci)
@@ -254,6 +256,8 @@ class FastPromptDecoder(nn.Module):
 
     # image → token: HW image queries attend to T token keys
     def _image_to_token(self, attn, q_image, k_tokens, v_tokens):
+        if DEC_OPTIONS["i2t"] == "proj":
+            return attn(q=q_image, k=k_tokens, v=v_tokens)
         B, T, _ = k_tokens.shape
         h = attn.num_heads
         k = attn.k_proj(k_tokens)

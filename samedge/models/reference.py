@@ -4,6 +4,8 @@ It shares the runtime's preprocessing (one definition, so drift measures the eng
 second resizer) but decodes through the upstream modules' own API — ``prompt_encoder(points=,
 boxes=, masks=)`` and ``mask_decoder(..., multimask_output)`` — and upsamples with
 ``F.interpolate`` as SAM's ``postprocess_masks`` does, independently of the export wrappers.
+Adaptation families are judged against their unmerged, upstream-faithful model (``card.reference``),
+so drift covers the whole path from the checkpoint as its authors saved it.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from samedge.models.card import ModelCard
+from samedge.models.samed import semantic_decode
 from samedge.runtime.transforms import (
     ImageFrame,
     preprocess,
+    preprocess_stack,
     transform_boxes,
     transform_points,
 )
@@ -24,16 +28,44 @@ from samedge.runtime.transforms import (
 class TorchReference:
     def __init__(self, card: ModelCard):
         self.card = card
-        self.model = card.model.eval()
+        self.model = (card.reference if card.reference is not None else card.model).eval()
         self.pre = card.preprocessing
-        self.embedding: torch.Tensor | None = None
+        self.embeddings: torch.Tensor | None = None
         self.frame: ImageFrame | None = None
+        self.slice = 0
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        """(1, C, h, w): the slice ``predict`` decodes against."""
+        return self.embeddings[self.slice : self.slice + 1]
 
     @torch.no_grad()
     def set_image(self, image: np.ndarray) -> torch.Tensor:
-        tensor, self.frame = preprocess(image, self.pre)
-        self.embedding = self.model.image_encoder(torch.from_numpy(tensor))
+        tensor, frame = preprocess(image, self.pre)
+        self._encode(tensor, frame, 0)
         return self.embedding
+
+    @torch.no_grad()
+    def set_volume(self, stack) -> torch.Tensor:
+        """D adjacent slices in one encoder call; ``predict`` then uses the centre slice."""
+        tensor, frame = preprocess_stack(stack, self.pre, self.card.depth)
+        self._encode(tensor, frame, self.card.depth // 2)
+        return self.embeddings
+
+    def _encode(self, tensor: np.ndarray, frame: ImageFrame, current: int) -> None:
+        self.embeddings = self.model.image_encoder(torch.from_numpy(tensor))
+        self.frame, self.slice = frame, current
+
+    def select_slice(self, index: int) -> None:
+        self.slice = index % len(self.embeddings)
+
+    @torch.no_grad()
+    def segment(self) -> dict[str, np.ndarray]:
+        """Semantic families: class logits (N, K+1, m, m) and at the original size, label maps."""
+        low_res, _ = semantic_decode(self.model, self.embeddings)
+        logits = self.postprocess(low_res)
+        return {"low_res_logits": low_res.numpy(), "logits": logits.numpy(),
+                "labels": logits.argmax(dim=1).numpy()}
 
     @torch.no_grad()
     def predict(self, boxes=None, point_coords=None, point_labels=None,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
+
+from samedge.errors import SamedgeError
 
 from samedge.models.card import ModelCard
 from samedge.models.litemedsam import build_litemedsam
@@ -24,5 +27,19 @@ FAMILIES: dict[str, Callable[..., ModelCard]] = {
 def build_model(family: str = "litemedsam", **options) -> ModelCard:
     """Build a family by name; options are the builder's keyword arguments."""
     if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; known: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[family](**options)
+        raise SamedgeError(f"unknown family {family!r}",
+                           hint=f"choose one of {', '.join(sorted(FAMILIES))}")
+    builder = FAMILIES[family]
+    accepted = inspect.signature(builder).parameters
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise SamedgeError(
+            f"family {family!r} does not take {', '.join(unknown)}",
+            hint=f"its options are: {', '.join(accepted)}",
+        )
+    missing = [name for name, p in accepted.items()
+               if p.default is inspect.Parameter.empty and name not in options]
+    if missing:
+        raise SamedgeError(f"family {family!r} needs {', '.join(missing)}",
+                           hint="e.g. --base sam_vit_b_01ec64.pth --checkpoint epoch_159.pth")
+    return builder(**options)

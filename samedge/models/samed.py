@@ -334,19 +334,25 @@ def _card(reference: SamParts, config: SamConfig, variant: str, merged: bool, re
     )
 
 
-def semantic_forward(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """SAMed/MA-SAM ``forward_train`` after ``preprocess`` (mean 0, std 1, no pad at S×S).
+def semantic_decode(model: nn.Module, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAMed/MA-SAM's prompt-free decoding of (B, C, h, w) embeddings → (B, K+1, m, m) logits
+    and (B, K+1) IoU predictions.
 
     Prompt encoder with points=boxes=masks=None gives a (1, 0, C) sparse prompt and the
     no-mask dense embedding; the single token batch broadcasts against the B images inside the
     decoder; every mask token is returned (the upstream slicing is commented out).
     """
-    embeddings = model.image_encoder(images)
     sparse, dense = model.prompt_encoder(points=None, boxes=None, masks=None)
-    low_res, iou = model.mask_decoder.predict_masks(
+    return model.mask_decoder.predict_masks(
         image_embeddings=embeddings, image_pe=model.prompt_encoder.get_dense_pe(),
         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
     )
+
+
+def semantic_forward(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """SAMed/MA-SAM ``forward_train`` after ``preprocess`` (mean 0, std 1, no pad at S×S)."""
+    embeddings = model.image_encoder(images)
+    low_res, iou = semantic_decode(model, embeddings)
     size = model.image_encoder.img_size
     masks = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
     return {"embeddings": embeddings, "low_res_logits": low_res, "iou_predictions": iou,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from samedge.errors import PromptError
+from samedge.errors import PromptError, StackDepthError
 from samedge.runtime.backends import open_backend
 from samedge.runtime.bundle import Bundle
 from samedge.runtime.transforms import (
@@ -15,6 +15,7 @@ from samedge.runtime.transforms import (
     check_boxes,
     check_points,
     preprocess,
+    preprocess_stack,
     transform_boxes,
     transform_points,
     upscale_logits,
@@ -35,12 +36,27 @@ class Prediction:
     low_res_logits: np.ndarray
 
 
+@dataclass
+class Segmentation:
+    """A semantic family's answer for each encoded slice (N = 1 after ``set_image``, D after
+    ``set_volume``): ``labels`` (N, H, W) the argmax class per pixel (0 = background) and
+    ``logits`` (N, K+1, H, W) at the original size, ``low_res_logits`` (N, K+1, m, m) as decoded."""
+
+    labels: np.ndarray
+    logits: np.ndarray
+    low_res_logits: np.ndarray
+
+
 class Predictor:
     """Run a bundle's encoder and decoder with one backend.
 
     >>> predictor = Predictor("bundle/", backend="openvino")
     >>> predictor.set_image(slice_uint8)
     >>> result = predictor.predict(boxes=np.array([[40, 50, 120, 140], [10, 10, 60, 60]]))
+
+    Depth models (``manifest.model.depth`` D > 1) encode D adjacent slices at once with
+    ``set_volume``; semantic families (SAMed, MA-SAM) take no prompt and answer ``segment()``.
+    Raw CT goes through ``transforms.window_ct(hu, predictor.pre)`` first.
     """
 
     def __init__(
@@ -58,24 +74,70 @@ class Predictor:
         decoder = self.bundle.find("decoder", backend, decoder_precision or precision)
         self.encoder = open_backend(backend, self.bundle.entry_path(encoder), threads)
         self.decoder = open_backend(backend, self.bundle.entry_path(decoder), threads)
-        self._embedding: np.ndarray | None = None
+        self.depth = int(self.bundle.model.get("depth", 1))
+        self.semantic = self.bundle.model.get("decoder") == "semantic"
+        # Med-SA's decoder graph already returns its family's tokens (0:n whatever the flag).
+        decoder_graph = self.bundle.manifest.get("graphs", {}).get("decoder", {})
+        self.graph_selects_tokens = decoder_graph.get("token_selection") == "graph"
+        self._embeddings: np.ndarray | None = None
         self._frame: ImageFrame | None = None
+        self._slice = 0
 
     # -- encoder -----------------------------------------------------------------------------
     def set_image(self, image: np.ndarray) -> None:
         """Preprocess and encode one (H, W) or (H, W, 3) image; later ``predict`` calls reuse it."""
-        tensor, frame = preprocess(image, self.pre)
-        self._embedding = self.encoder.run({"image": tensor})["image_embeddings"]
-        self._frame = frame
+        if self.depth != 1:
+            raise StackDepthError(
+                f"this model's encoder takes a stack of {self.depth} adjacent slices, not one image",
+                hint=f"call set_volume with {self.depth} slices (Volume.stack(index, {self.depth}))",
+            )
+        self._encode(*preprocess(image, self.pre))
+
+    def set_volume(self, stack) -> None:
+        """Encode D adjacent slices (a list of images, or a (D, H, W[, 3]) array) in one call.
+
+        D must be the bundle's depth (StackDepthError otherwise). ``predict`` then decodes
+        against the centre slice until ``select_slice`` picks another; ``segment`` answers all D.
+        """
+        self._encode(*preprocess_stack(stack, self.pre, self.depth))
+        self._slice = self.depth // 2
+
+    def _encode(self, tensor: np.ndarray, frame: ImageFrame) -> None:
+        self._embeddings = self.encoder.run({"image": tensor})["image_embeddings"]
+        self._frame, self._slice = frame, 0
+
+    def select_slice(self, index: int) -> None:
+        """Decode later prompts against slice ``index`` of the encoded stack (no encoder call)."""
+        count = len(self.embeddings)
+        if not -count <= index < count:
+            raise PromptError(f"slice {index} is outside the encoded stack of {count}")
+        self._slice = index % count
 
     def reset_image(self) -> None:
-        self._embedding, self._frame = None, None
+        self._embeddings, self._frame, self._slice = None, None, 0
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """(N, C, h, w): every encoded slice's embedding."""
+        if self._embeddings is None:
+            raise PromptError("no image set",
+                              hint="call set_image(image) (set_volume(stack) for depth models) first")
+        return self._embeddings
 
     @property
     def image_embedding(self) -> np.ndarray:
-        if self._embedding is None:
-            raise PromptError("no image set", hint="call set_image(image) before predict")
-        return self._embedding
+        """(1, C, h, w): the embedding ``predict`` decodes against."""
+        return self.embeddings[self._slice : self._slice + 1]
+
+    # -- semantic decoder --------------------------------------------------------------------
+    def segment(self) -> Segmentation:
+        """Class logits and label map for every encoded slice, at the original image size."""
+        if not self.semantic:
+            raise PromptError("this bundle's decoder takes prompts; call predict(...)",
+                              hint="segment() serves semantic families (SAMed, MA-SAM)")
+        low_res = self.decoder.run({"image_embeddings": self.embeddings})["class_logits"]
+        logits = upscale_logits(low_res, self._frame, self.pre)
+        return Segmentation(labels=logits.argmax(axis=1), logits=logits, low_res_logits=low_res)
 
     # -- decoder -----------------------------------------------------------------------------
     def predict(
@@ -93,8 +155,11 @@ class Predictor:
         (B, N) (1 foreground, 0 background); ``boxes`` (4,) or (B, 4) xyxy; ``mask_input``
         (1, m, m) or (B, 1, m, m) low-res logits from a previous call. B prompts are decoded in
         one call. ``multimask_output`` None follows the family's convention (single mask for
-        LiteMedSAM/MedSAM, three for SAM).
+        LiteMedSAM/MedSAM, three for SAM); Med-SA returns its output tokens 0:n either way.
         """
+        if self.semantic:
+            raise PromptError("this bundle's decoder is semantic and takes no prompts",
+                              hint="call segment() for class logits and the label map")
         embedding, frame = self.image_embedding, self._frame
         if point_coords is None and boxes is None and mask_input is None:
             raise PromptError(
@@ -115,7 +180,10 @@ class Predictor:
             "has_mask_input": has_mask,
         })
         multimask = self.multimask_default if multimask_output is None else multimask_output
-        tokens = slice(1, None) if multimask else slice(0, 1)
+        if self.graph_selects_tokens:
+            tokens = slice(None)
+        else:
+            tokens = slice(1, None) if multimask else slice(0, 1)
         low_res = outputs["low_res_masks"][:, tokens]
         scores = outputs["iou_predictions"][:, tokens]
         logits = upscale_logits(low_res, frame, self.pre)

@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-from samedge.errors import ImageError, PromptError
+from samedge.errors import ImageError, PromptError, StackDepthError
 
 Interpolation = Literal["area", "bilinear", "triangle_aa"]
 
@@ -180,17 +180,68 @@ def preprocess(image: np.ndarray, pre: Preprocessing) -> tuple[np.ndarray, Image
     return tensor, ImageFrame((height, width), new_hw, pre.image_size)
 
 
+def preprocess_stack(stack, pre: Preprocessing, depth: int) -> tuple[np.ndarray, ImageFrame]:
+    """``depth`` adjacent slices (a list of images, or a (D, H, W[, 3]) array) → (D, 3, S, S).
+
+    Depth models fix D in their encoder graph (Med-SA's regroup and MA-SAM's Conv3d bake it), so
+    a stack of any other length is refused here rather than failing inside the engine. Each slice
+    goes through :func:`preprocess` alone; all must share one size (one frame for the stack).
+    """
+    if isinstance(stack, np.ndarray) and stack.ndim not in (3, 4):
+        raise StackDepthError(
+            f"a stack is D images (a list, or a (D, H, W[, 3]) array); got shape {stack.shape}",
+            hint="for one 2-D image use set_image",
+        )
+    slices = list(stack)
+    if len(slices) != depth:
+        raise StackDepthError(
+            f"this model's encoder takes a stack of {depth} adjacent slices; got {len(slices)}",
+            hint=f"pass the {depth} slices around the slice of interest, edges replicated "
+                 f"(Volume.stack(index, {depth}))" if depth > 1 else "use set_image",
+        )
+    tensors, frames = zip(*(preprocess(image, pre) for image in slices))
+    sizes = sorted({frame.original_hw for frame in frames})
+    if len(sizes) > 1:
+        raise ImageError(f"the slices of a stack must share one size; got {sizes}",
+                         hint="pass adjacent slices of one volume")
+    return np.concatenate(tensors), frames[0]
+
+
+def apply_window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
+    """Clip to ``[level - width/2, level + width/2]`` and stretch linearly to 0..255."""
+    low = level - width / 2.0
+    scaled = (np.clip(hu.astype(np.float64), low, low + width) - low) * 255.0 / width
+    return np.rint(scaled).astype(np.uint8)
+
+
+def window_ct(hu: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """Raw CT in Hounsfield units → the uint8 (H, W) image a CT-trained family expects, with the
+    window it recorded (``pre.ct_window``: SAMed [-125, 275], MA-SAM [-200, 250] HU)."""
+    if pre.ct_window is None:
+        raise ImageError("this model records no CT window",
+                         hint="pass display-ready images, or window the data yourself")
+    values = np.asarray(hu)
+    if not np.issubdtype(values.dtype, np.number) or not np.isfinite(values).all():
+        raise ImageError("CT values must be finite numbers in HU")
+    return apply_window(values, *pre.ct_window)
+
+
 def _scale(frame: ImageFrame) -> np.ndarray:
     (h, w), (nh, nw) = frame.original_hw, frame.resized_hw
     return np.array([nw / w, nh / h], dtype=np.float64)
 
 
 def transform_points(coords: np.ndarray, frame: ImageFrame, pre: Preprocessing) -> np.ndarray:
-    """(..., 2) points in original pixels, in the family's order → (x, y) in the model frame."""
-    points = np.asarray(coords, dtype=np.float64)
+    """(..., 2) points in original pixels, in the family's order → the prompt encoder's (x, y).
+
+    ``yx`` points (Med-SA's ``np.argwhere`` clicks, (row, col)) are scaled per axis and handed
+    over in that order, as Med-SA hands them to a prompt encoder that reads (x, y): its models
+    were trained on that transposed encoding, so reproducing it is what reproduces their masks.
+    """
+    scale = _scale(frame)
     if pre.point_order == "yx":
-        points = points[..., ::-1]
-    return (points * _scale(frame)).astype(np.float32)
+        scale = scale[::-1]
+    return (np.asarray(coords, dtype=np.float64) * scale).astype(np.float32)
 
 
 def transform_boxes(boxes: np.ndarray, frame: ImageFrame, pre: Preprocessing) -> np.ndarray:
