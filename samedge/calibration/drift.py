@@ -4,6 +4,10 @@ Masks are compared with the FP32 model's *own* masks, never with annotations: ag
 reference masks a broken INT8 model that fills the box can score higher than FP32, so only
 agreement with FP32 says whether quantization hurt. The runtime under test is the bedside
 ``Predictor``, not a copy of it.
+
+Semantic families (SAMed, MA-SAM) have no prompts: their label maps are compared pixel by pixel
+(share of identical labels, Dice per class). Depth models are fed stacks of D adjacent slices, and
+prompts are decoded on each stack's centre slice.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from samedge.calibration.prompts import auto_boxes, box_centres
-from samedge.calibration.sources import Slice
+from samedge.calibration.sources import Slice, bundled_stacks
 from samedge.models.card import ModelCard
 from samedge.models.reference import TorchReference
 from samedge.progress import Steps
@@ -78,6 +82,9 @@ class VariantDrift:
     logits_mean_abs: list[float] = field(default_factory=list)
     score_max_abs: float = 0.0
     cases: list[tuple[str, str, float]] = field(default_factory=list)
+    # per slice: embedding cosine and relative L2 error ||e - e32|| / ||e32|| (quantization drift)
+    embedding_cosine: list[float] = field(default_factory=list)
+    embedding_rel_err: list[float] = field(default_factory=list)
 
     def summary(self, worst_k: int = 5) -> dict:
         """What goes into the manifest next to the engine file."""
@@ -89,6 +96,9 @@ class VariantDrift:
             "iou_mean": float(np.mean(self.iou)), "iou_min": float(np.min(self.iou)),
             "embedding_max_abs": self.embedding_max_abs,
             "embedding_cosine_min": self.embedding_cosine_min,
+            **({"embedding_cosine_mean": float(np.mean(self.embedding_cosine)),
+                "embedding_rel_err_max": float(np.max(self.embedding_rel_err))}
+               if self.embedding_cosine else {}),
             "logits_max_abs": self.logits_max_abs,
             "logits_mean_abs": float(np.mean(self.logits_mean_abs)),
             "iou_prediction_max_abs": self.score_max_abs,
@@ -96,14 +106,28 @@ class VariantDrift:
         }
 
 
-def reference_outputs(card: ModelCard, slices: Sequence[Slice],
+Item = Slice | Sequence[Slice]  # one slice, or a depth model's stack of D adjacent slices
+
+
+def encode(target: Predictor | TorchReference, item: Item) -> Slice:
+    """``set_image`` a slice or ``set_volume`` a stack; returns the slice prompts are decoded on
+    (a stack's centre, which both select after ``set_volume``)."""
+    if isinstance(item, Slice):
+        target.set_image(item.image)
+        return item
+    target.set_volume([s.image for s in item])
+    return item[len(item) // 2]
+
+
+def reference_outputs(card: ModelCard, slices: Sequence[Item],
                       prompts: Callable[[np.ndarray], PromptSet], steps: Steps
                       ) -> list[tuple[ReferenceOutputs, PromptSet]]:
     reference = TorchReference(card)
     results = []
-    for item in steps.track(slices, "FP32 PyTorch reference", total=len(slices)):
+    for entry in steps.track(slices, "FP32 PyTorch reference", total=len(slices)):
+        item = encode(reference, entry)
         prompt = prompts(item.image)
-        embedding = reference.set_image(item.image).numpy()
+        embedding = reference.embedding.numpy()
         boxes = reference.predict(boxes=prompt.boxes, multimask_output=False)
         clicks = None
         if prompt.clicks is not None:
@@ -115,21 +139,30 @@ def reference_outputs(card: ModelCard, slices: Sequence[Slice],
     return results
 
 
-def measure_variant(bundle: Bundle, backend: str, precision: str, slices: Sequence[Slice],
+def measure_variant(bundle: Bundle, backend: str, precision: str, slices: Sequence[Item],
                     references: list[tuple[ReferenceOutputs, PromptSet]], steps: Steps,
-                    threads: int | None = None, decoder_precision: str | None = None
-                    ) -> VariantDrift:
-    """Run one backend/precision through the Predictor and compare with the references."""
-    predictor = Predictor(bundle, backend=backend, precision=precision, threads=threads,
-                          decoder_precision=decoder_precision)
+                    threads: int | None = None, decoder_precision: str | None = None,
+                    predictor: Predictor | None = None,
+                    observe: Callable | None = None) -> VariantDrift:
+    """Run one backend/precision through the Predictor and compare with the references.
+
+    ``predictor``: an already opened Predictor (e.g. with a candidate graph not yet in a bundle);
+    ``observe(item, kind, index, got_logits, want_logits, dice)`` sees every prompt's masks.
+    """
+    if predictor is None:
+        predictor = Predictor(bundle, backend=backend, precision=precision, threads=threads,
+                              decoder_precision=decoder_precision)
     drift = VariantDrift(backend, precision)
     pairs = list(zip(slices, references))
-    for item, (ref, prompt) in steps.track(pairs, f"{backend} {precision}", total=len(pairs)):
-        predictor.set_image(item.image)
+    for entry, (ref, prompt) in steps.track(pairs, f"{backend} {precision}", total=len(pairs)):
+        item = encode(predictor, entry)
         emb = predictor.image_embedding
         drift.embedding_max_abs = max(drift.embedding_max_abs,
                                       float(np.abs(emb - ref.embedding).max()))
         drift.embedding_cosine_min = min(drift.embedding_cosine_min, cosine(emb, ref.embedding))
+        drift.embedding_cosine.append(cosine(emb, ref.embedding))
+        drift.embedding_rel_err.append(float(np.linalg.norm(emb - ref.embedding)
+                                             / max(np.linalg.norm(ref.embedding), 1e-12)))
         boxes = predictor.predict(boxes=prompt.boxes, multimask_output=False, return_logits=True)
         pairs = [("box", boxes.masks, ref.box_logits)]
         if prompt.clicks is not None:
@@ -148,21 +181,125 @@ def measure_variant(bundle: Bundle, backend: str, precision: str, slices: Sequen
                 drift.dice.append(dice(a, b))
                 drift.iou.append(iou(a, b))
                 drift.cases.append((item.name, f"{kind} {index}", drift.dice[-1]))
+                if observe is not None:
+                    observe(item, kind, index, got[index, 0], want[index, 0], drift.dice[-1])
     return drift
 
 
 def measure_drift(card: ModelCard, bundle_path: Path, slices: Sequence[Slice],
                   variants: Sequence[tuple[str, str]], steps: Steps | None = None,
-                  threads: int | None = None) -> dict[tuple[str, str], VariantDrift]:
-    """Drift of each (backend, precision) variant over the slices, with auto-derived prompts."""
+                  threads: int | None = None, stacks: Sequence[Sequence[Slice]] | None = None
+                  ) -> dict[tuple[str, str], VariantDrift | SemanticDrift]:
+    """Drift of each (backend, precision) variant over the slices, with auto-derived prompts
+    (none for semantic families). Depth models are measured on ``stacks`` instead (default:
+    three stacks of the bundled MR volume), since the given slices are no stack."""
     steps = steps or Steps(quiet=True)
-    clicks = card.prompt == "points"
-    references = reference_outputs(card, slices, lambda image: PromptSet.auto(image, clicks),
-                                   steps)
+    items: Sequence[Item] = slices
+    if card.depth > 1:
+        items = stacks if stacks is not None else bundled_stacks(card.depth, count=3)
     bundle = Bundle(bundle_path)
+    if card.decoder == "semantic":
+        labels = semantic_references(card, items, steps)
+        return {(backend, precision): measure_semantic_variant(bundle, backend, precision, items,
+                                                               labels, steps, threads)
+                for backend, precision in variants}
+    clicks = card.prompt == "points"
+    references = reference_outputs(card, items, lambda image: PromptSet.auto(image, clicks),
+                                   steps)
     return {
-        (backend, precision): measure_variant(bundle, backend, precision, slices, references,
+        (backend, precision): measure_variant(bundle, backend, precision, items, references,
                                               steps, threads)
         for backend, precision in variants
     }
+
+
+# -- semantic families ------------------------------------------------------------------------
+def class_dice(got: np.ndarray, want: np.ndarray) -> dict[int, float]:
+    """Dice per class present in either label map (absent in both says nothing)."""
+    return {int(c): dice(got == c, want == c) for c in np.union1d(np.unique(got), np.unique(want))}
+
+
+@dataclass
+class SemanticReference:
+    """FP32 torch outputs for one slice or stack: embeddings, low-res class logits, label maps."""
+
+    name: str
+    embeddings: np.ndarray
+    low_res: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class SemanticDrift:
+    """Label-map agreement of one variant with FP32: per slice the share of identical pixels,
+    per class the Dice of its region (background included)."""
+
+    backend: str
+    precision: str
+    agreement: list[float] = field(default_factory=list)
+    class_dice: dict[int, list[float]] = field(default_factory=dict)
+    embedding_max_abs: float = 0.0
+    embedding_cosine_min: float = 1.0
+    logits_max_abs: float = 0.0
+    logits_mean_abs: list[float] = field(default_factory=list)
+    cases: list[tuple[str, float]] = field(default_factory=list)
+
+    def summary(self, worst_k: int = 5) -> dict:
+        """What goes into the manifest; ``dice_*`` pool every class of every slice."""
+        dices = np.concatenate([np.array(v) for v in self.class_dice.values()])
+        return {
+            "slices": len(self.agreement),
+            "pixel_agreement_mean": float(np.mean(self.agreement)),
+            "pixel_agreement_min": float(np.min(self.agreement)),
+            "class_dice_mean": {c: float(np.mean(v)) for c, v in sorted(self.class_dice.items())},
+            "class_dice_min": {c: float(np.min(v)) for c, v in sorted(self.class_dice.items())},
+            "dice_mean": float(dices.mean()), "dice_min": float(dices.min()),
+            "embedding_max_abs": self.embedding_max_abs,
+            "embedding_cosine_min": self.embedding_cosine_min,
+            "logits_max_abs": self.logits_max_abs,
+            "logits_mean_abs": float(np.mean(self.logits_mean_abs)),
+            "worst": [{"slice": s, "pixel_agreement": a}
+                      for s, a in sorted(self.cases, key=lambda c: c[1])[:worst_k]],
+        }
+
+
+def _names(item: Item) -> list[str]:
+    return [item.name] if isinstance(item, Slice) else [s.name for s in item]
+
+
+def semantic_references(card: ModelCard, items: Sequence[Item], steps: Steps
+                        ) -> list[SemanticReference]:
+    reference = TorchReference(card)
+    results = []
+    for item in steps.track(items, "FP32 PyTorch reference", total=len(items)):
+        encode(reference, item)
+        out = reference.segment()
+        results.append(SemanticReference(" | ".join(_names(item)), reference.embeddings.numpy(),
+                                         out["low_res_logits"], out["labels"]))
+    return results
+
+
+def measure_semantic_variant(bundle: Bundle, backend: str, precision: str, items: Sequence[Item],
+                             references: list[SemanticReference], steps: Steps,
+                             threads: int | None = None) -> SemanticDrift:
+    """Run one backend/precision through ``Predictor.segment`` and compare label maps."""
+    predictor = Predictor(bundle, backend=backend, precision=precision, threads=threads)
+    drift = SemanticDrift(backend, precision)
+    pairs = list(zip(items, references))
+    for item, ref in steps.track(pairs, f"{backend} {precision}", total=len(pairs)):
+        encode(predictor, item)
+        result = predictor.segment()
+        emb = predictor.embeddings
+        drift.embedding_max_abs = max(drift.embedding_max_abs,
+                                      float(np.abs(emb - ref.embeddings).max()))
+        drift.embedding_cosine_min = min(drift.embedding_cosine_min, cosine(emb, ref.embeddings))
+        err = np.abs(result.low_res_logits - ref.low_res)
+        drift.logits_max_abs = max(drift.logits_max_abs, float(err.max()))
+        drift.logits_mean_abs.append(float(err.mean()))
+        for name, got, want in zip(_names(item), result.labels, ref.labels):
+            drift.agreement.append(float((got == want).mean()))
+            drift.cases.append((name, drift.agreement[-1]))
+            for c, value in class_dice(got, want).items():
+                drift.class_dice.setdefault(c, []).append(value)
+    return drift
 

@@ -655,3 +655,11 @@ def bundled_volume() -> Volume:
     if nifti_dir is None:
         raise DataSourceError("the bundled volume needs nibabel, which is not installed", DATA_HINT)
     return read_nifti(nifti_dir / "example4d.nii.gz", "MR")
+
+
+def bundled_stacks(depth: int, count: int = 2) -> list[list[Slice]]:
+    """``count`` stacks of ``depth`` adjacent slices of :func:`bundled_volume` for depth models:
+    the first centred on its first slice (missing neighbours replicated, as MA-SAM pads the volume
+    ends), the others spread over the volume."""
+    volume = bundled_volume()
+    return [volume.stack(centre, depth) for centre in [0, *_evenly_spaced(len(volume), count - 1)]]

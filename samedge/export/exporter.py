@@ -1,8 +1,16 @@
 """From a ModelCard to a bundle: export both graphs, validate them against PyTorch on real slices,
-convert them for each backend, and commit everything atomically."""
+convert them for each backend, and commit everything atomically.
+
+Adaptation families (those with ``card.reference``) are validated against their unmerged,
+upstream-faithful model: the merged ONNX must equal what the authors' code computes. Depth models
+are validated on stacks of D adjacent real slices; semantic families get the prompt-free
+class-logit decoder (``export/semantic.py``), Med-SA its own token output
+(``export/medsa_decoder.py``).
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -10,10 +18,13 @@ import numpy as np
 import torch
 
 from samedge.calibration.prompts import auto_boxes
+from samedge.calibration.sources import Slice, bundled_stacks
+from samedge.export import medsa_decoder
 from samedge.export.bundle import BundleWriter
 from samedge.export.onnx import (
     PromptDecoder,
     SamInterfaceDecoder,
+    Tolerance,
     decoder_spec,
     encoder_spec,
     export_graph,
@@ -21,11 +32,13 @@ from samedge.export.onnx import (
     validate_graph,
 )
 from samedge.export.openvino import convert_to_ir
+from samedge.export.semantic import export_semantic_decoder
 from samedge.models.card import ModelCard
 from samedge.progress import Steps
-from samedge.runtime.transforms import preprocess, transform_boxes
+from samedge.runtime.transforms import preprocess, preprocess_stack, transform_boxes
 
 OPENVINO_PRECISIONS = ("fp32", "fp16")
+UPSTREAM_EMBEDDING_TOLERANCE = Tolerance(atol=5e-4)  # merged ONNX vs unmerged upstream encoder
 
 
 def decoder_cases(card: ModelCard, embeddings: Sequence[np.ndarray],
@@ -82,6 +95,21 @@ def _repeat(items, times):
             yield item
 
 
+def encoder_inputs(card: ModelCard, images: Sequence[np.ndarray], image_names: Sequence[str],
+                   stacks: Sequence[Sequence[Slice]] | None):
+    """Encoder validation batches, the slice each batch's prompts are decoded on, and the names
+    the manifest records. 2-D models: one batch per image. Depth models: one (D, 3, S, S) batch
+    per stack of D adjacent slices (``stacks``, default the bundled MR volume: unrelated slices
+    make no stack), prompts on its centre slice."""
+    pre = card.preprocessing
+    if card.depth == 1:
+        return [preprocess(image, pre)[0] for image in images], list(images), list(image_names)
+    stacks = stacks if stacks is not None else bundled_stacks(card.depth)
+    batches = [preprocess_stack([s.image for s in stack], pre, card.depth)[0] for stack in stacks]
+    centres = [stack[card.depth // 2].image for stack in stacks]
+    return batches, centres, [[s.name for s in stack] for stack in stacks]
+
+
 def export_bundle(
     card: ModelCard,
     out: Path,
@@ -90,39 +118,45 @@ def export_bundle(
     sam_interface: bool = True,
     steps: Steps | None = None,
     image_names: Sequence[str] = (),
+    stacks: Sequence[Sequence[Slice]] | None = None,
 ) -> dict:
-    """Export, validate and convert; returns the committed manifest."""
+    """Export, validate and convert; returns the committed manifest.
+
+    ``images`` validate 2-D models; depth models (``card.depth`` D > 1) are validated on
+    ``stacks`` of D adjacent slices instead (see :func:`encoder_inputs`).
+    """
     steps = steps or Steps(quiet=True)
     model = card.model.eval()
-    tensors = [preprocess(image, card.preprocessing)[0] for image in images]
+    truth = card.reference if card.reference is not None else model
+    batches, images, names = encoder_inputs(card, images, image_names, stacks)
     graphs: dict[str, dict] = {}
     with BundleWriter(out) as writer, torch.no_grad():
         stage = writer.staging
         spec = encoder_spec(card)
+        if card.reference is not None:
+            spec = replace(spec, tolerances={"image_embeddings": UPSTREAM_EMBEDDING_TOLERANCE})
         with steps.step("export encoder to ONNX"):
-            example = torch.from_numpy(np.repeat(tensors[0], card.depth, axis=0).copy())
-            export_graph(model.image_encoder, spec, (example,), stage / "encoder.onnx")
-        with steps.step(f"validate encoder on {len(tensors)} real slices"):
-            measured = validate_graph(
-                stage / "encoder.onnx", spec, lambda x: (model.image_encoder(x),),
-                ({"image": np.repeat(t, card.depth, axis=0)} for t in tensors))
+            export_graph(model.image_encoder, spec, (torch.from_numpy(batches[0]),),
+                         stage / "encoder.onnx")
+        what = f"stacks of {card.depth} slices" if card.depth > 1 else "slices"
+        with steps.step(f"validate encoder on {len(batches)} real {what}"):
+            measured = validate_graph(stage / "encoder.onnx", spec,
+                                      lambda x: (truth.image_encoder(x),),
+                                      ({"image": batch} for batch in batches))
         graphs["encoder"] = {**spec.describe(), "measured": measured}
         writer.add_artifact("encoder", "onnx", "fp32", [stage / "encoder.onnx"])
-        embeddings = [model.image_encoder(torch.from_numpy(t)).numpy() for t in tensors]
+        embeddings = [model.image_encoder(torch.from_numpy(batch)).numpy() for batch in batches]
 
-        decoder = PromptDecoder(model, card.image_size).eval()
-        spec = decoder_spec(card)
-        with steps.step("export prompt encoder + mask decoder to ONNX"):
-            example = next(decoder_cases(card, embeddings, images))
-            export_graph(decoder, spec, tuple(torch.tensor(example[n]) for n in spec.inputs),
-                         stage / "decoder.onnx")
-        with steps.step("validate decoder (B = 1…16 prompts, N = 1…5 points)"):
-            measured = validate_graph(stage / "decoder.onnx", spec, decoder,
-                                      decoder_cases(card, embeddings[:2], images[:2]))
-        graphs["decoder"] = {**spec.describe(), "measured": measured}
+        if card.decoder == "semantic":
+            graphs["decoder"] = export_semantic_decoder(card, embeddings, stage / "decoder.onnx",
+                                                        steps)
+        else:
+            centre = card.depth // 2  # prompts are decoded on one slice of each batch
+            embeddings = [batch[centre : centre + 1] for batch in embeddings]
+            graphs["decoder"] = _export_prompt_decoder(card, embeddings, images, stage, steps)
         writer.add_artifact("decoder", "onnx", "fp32", [stage / "decoder.onnx"])
 
-        if sam_interface:
+        if sam_interface and card.decoder == "prompt":  # Meta's interface is a prompt interface
             sam = SamInterfaceDecoder(model).eval()
             spec = sam_interface_spec(card)
             with steps.step("export Meta-compatible decoder (orig_im_size interface)"):
@@ -148,5 +182,28 @@ def export_bundle(
             "model": card.describe(),
             "preprocessing": card.preprocessing.to_dict(),
             "graphs": graphs,
-            "validation_inputs": list(image_names),
+            "validation_inputs": names,
         })
+
+
+def _export_prompt_decoder(card: ModelCard, embeddings: Sequence[np.ndarray],
+                           images: Sequence[np.ndarray], stage: Path, steps: Steps) -> dict:
+    """The spine's prompt decoder, or Med-SA's cut to its tokens 0:n and validated against
+    Med-SA's upstream decoding; returns the manifest's graph entry."""
+    path = stage / "decoder.onnx"
+    if card.family == "medsa":
+        decoder = medsa_decoder.MedSAPromptDecoder(card.model, card.image_size).eval()
+        spec, facts = medsa_decoder.medsa_decoder_spec(card), {"token_selection": "graph"}
+        reference = medsa_decoder.upstream_decoder(card.reference)
+        cases = list(medsa_decoder.click_cases(card, embeddings[:2], images[:2]))
+        title = "Med-SA clicks (B = 1…16 prompts, 1–3 clicks)"
+    else:
+        decoder = reference = PromptDecoder(card.model, card.image_size).eval()
+        spec, facts = decoder_spec(card), {}
+        cases = list(decoder_cases(card, embeddings[:2], images[:2]))
+        title = "B = 1…16 prompts, N = 1…5 points"
+    with steps.step("export prompt encoder + mask decoder to ONNX"):
+        export_graph(decoder, spec, tuple(torch.tensor(cases[0][n]) for n in spec.inputs), path)
+    with steps.step(f"validate decoder ({title})"):
+        measured = validate_graph(path, spec, reference, cases)
+    return {"variant": "prompt", **facts, **spec.describe(), "measured": measured}

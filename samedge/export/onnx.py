@@ -256,12 +256,21 @@ def sam_interface_spec(card: ModelCard) -> GraphSpec:
 
 # -- export and validation ----------------------------------------------------------------------
 def export_graph(module: nn.Module, spec: GraphSpec, example: tuple, path: Path) -> Path:
-    """Trace ``module`` to ONNX at ``path`` with the spec's names and dynamic axes."""
+    """Trace ``module`` to ONNX at ``path`` with the spec's names and dynamic axes.
+
+    What is traced is ``rewrites.export_ready(module)``: the same function, re-shaped for the
+    engines (TinyViT encoder, prompt decoder; anything else unchanged). Validation compares the
+    graph with ``module`` itself.
+    """
+    from samedge.export.rewrites import export_ready
+
+    with torch.no_grad():
+        traced = export_ready(module)
     with warnings.catch_warnings(), export_patches(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
-                module, example, str(path),
+                traced, example, str(path),
                 input_names=list(spec.inputs), output_names=list(spec.outputs),
                 dynamic_axes=spec.dynamic_axes, opset_version=OPSET,
                 do_constant_folding=True, dynamo=False,

