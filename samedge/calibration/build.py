@@ -41,7 +41,6 @@ from samedge.calibration.quantize import (
     calibrate_onnx,
     convert_fp16,
     nncf_quantize,
-    onnx_units,
     qdq_report,
     quantize_qdq,
     rank_units,
@@ -50,7 +49,7 @@ from samedge.calibration.quantize import (
 )
 from samedge.calibration.sources import Slice, bundled_slices
 from samedge.calibration.windows import Window, parse_window
-from samedge.errors import BundleError, DataSourceError, SamedgeError
+from samedge.errors import DataSourceError, SamedgeError
 from samedge.export.bundle import BundleWriter, write_json_atomic
 from samedge.progress import Steps
 from samedge.runtime.backends import open_backend

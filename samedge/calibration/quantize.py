@@ -34,20 +34,17 @@ and bisecting over how many to revert finds a small float set in ~log2(n) real e
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import shutil
 import tempfile
 import time
 from collections import defaultdict, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from samedge.errors import DataSourceError, ExportError
+from samedge.errors import DataSourceError
 
 # -------------------------------------------------------------------------------------------------
 # OpenVINO / NNCF
@@ -552,26 +549,62 @@ def norm_nodes(model) -> list[str]:
     return names
 
 
-def large_value_nodes(model, feeds: Iterable[dict[str, np.ndarray]],
-                      data_max: float = FP16_DATA_MAX, chunk: int = 48) -> dict[str, float]:
-    """Nodes whose FP32 output magnitude exceeds ``data_max`` on real feeds (AutoCast's rule)."""
+OUTPUT_BUDGET = 150_000_000  # float elements of intermediate outputs fetched per run (~600 MB)
+
+
+def _output_chunks(model, nodes: Sequence, budget: int = OUTPUT_BUDGET,
+                   dynamic: int = 16) -> list[list]:
+    """Split ``nodes`` so that the outputs fetched in one run stay within ``budget`` elements
+    (sizes from ONNX shape inference, dynamic axes counted as ``dynamic``): the encoder's
+    full-resolution first stage needs small chunks, the decoder fits in one."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        shapes = {v.name: [d.dim_value or dynamic for d in v.type.tensor_type.shape.dim]
+                  for v in inferred.graph.value_info}
+    except Exception:  # shape inference is only an estimate here
+        shapes = {}
+    chunks, current, used = [], [], 0
+    for node in nodes:
+        size = int(np.prod(shapes.get(node.output[0], [4_000_000]) or [1]))
+        if current and used + size > budget:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(node)
+        used += size
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _probe_session(model, outputs: Sequence[str]):
+    """An ORT session of ``model`` returning the given intermediate tensors, unoptimised so every
+    node's output still exists."""
     import onnx
     import onnxruntime as ort
 
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(probe.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def large_value_nodes(model, feeds: Iterable[dict[str, np.ndarray]],
+                      data_max: float = FP16_DATA_MAX) -> dict[str, float]:
+    """Nodes whose FP32 output magnitude exceeds ``data_max`` on real feeds (AutoCast's rule)."""
     float_nodes = [n for n in model.graph.node
                    if n.op_type not in ("Constant", "Shape", "Cast", "Equal", "Where")]
     peaks: dict[str, float] = {}
     feeds = list(feeds)
     names = [i.name for i in model.graph.input]
-    for start in range(0, len(float_nodes), chunk):
-        part = float_nodes[start:start + chunk]
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        del probe.graph.output[:]
+    for part in _output_chunks(model, float_nodes):
         outputs = {n.output[0]: n.name for n in part}
-        probe.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs)
-        session = ort.InferenceSession(probe.SerializeToString(),
-                                       providers=["CPUExecutionProvider"])
+        session = _probe_session(model, list(outputs))
         for feed in feeds:
             for name, value in zip(outputs, session.run(None, {k: feed[k] for k in names})):
                 value = np.asarray(value)
@@ -663,7 +696,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 def onnx_layer_errors(float_path: Path, variant, feeds: Sequence[dict[str, np.ndarray]],
                       op_types: Sequence[str] = ("Conv", "Gemm", "MatMul", "Add",
                                                  "LayerNormalization", "ConvTranspose"),
-                      chunk: int = 16, max_layers: int = 400) -> list[LayerError]:
+                      budget: int = OUTPUT_BUDGET // 2, max_layers: int = 400) -> list[LayerError]:
     """Relative error of each layer's output, variant vs FP32, both on ONNX Runtime CPU.
 
     The tensors are the float graph's node outputs (the variant keeps their names: Q/DQ
@@ -671,7 +704,6 @@ def onnx_layer_errors(float_path: Path, variant, feeds: Sequence[dict[str, np.nd
     full-resolution activations of a 256² first stage never sit in memory all at once.
     """
     import onnx
-    import onnxruntime as ort
 
     base = onnx.load(str(float_path))
     other = variant if isinstance(variant, onnx.ModelProto) else onnx.load(str(variant))
@@ -680,24 +712,12 @@ def onnx_layer_errors(float_path: Path, variant, feeds: Sequence[dict[str, np.nd
              if n.op_type in op_types and n.output[0] in present][:max_layers]
     names = [i.name for i in base.graph.input]
     errors: dict[str, list[tuple[float, float]]] = defaultdict(list)
-
-    def session(model, outputs):
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        del probe.graph.output[:]
-        probe.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        return ort.InferenceSession(probe.SerializeToString(), options,
-                                    providers=["CPUExecutionProvider"])
-
-    for start in range(0, len(nodes), chunk):
-        part = nodes[start:start + chunk]
-        outputs = [n.output[0] for _, n in part]
-        a, b = session(base, outputs), session(other, outputs)
+    for part in _output_chunks(base, [n for _, n in nodes], budget):
+        outputs = [n.output[0] for n in part]
+        a, b = _probe_session(base, outputs), _probe_session(other, outputs)
         for feed in feeds:
             inputs = {k: feed[k] for k in names}
-            for (_, node), x, y in zip(part, a.run(None, inputs), b.run(None, inputs)):
+            for node, x, y in zip(part, a.run(None, inputs), b.run(None, inputs)):
                 errors[node.name].append(_rel(np.asarray(y, np.float32),
                                               np.asarray(x, np.float32)))
     return [LayerError(n.name, n.op_type, i, float(np.mean([e[0] for e in errors[n.name]])),

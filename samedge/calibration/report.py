@@ -83,7 +83,7 @@ def _dice_figure(variants: list[tuple[str, dict]]):
     if not data:
         return None
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(data) + 2), 4.2))
-    ax.boxplot(data, vert=True, showfliers=False, widths=0.5)
+    ax.boxplot(data, showfliers=False, widths=0.5)
     rng = np.random.default_rng(0)
     for i, values in enumerate(data, start=1):
         ax.scatter(i + rng.uniform(-0.12, 0.12, len(values)), values, s=12, alpha=0.7)

