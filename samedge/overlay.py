@@ -48,3 +48,18 @@ def save_mask_outputs(image: np.ndarray, masks: np.ndarray, prefix: Path) -> lis
         _save_png(mask_png.astype(np.uint8), prefix.with_name(prefix.name + ".png")),
         _save_png(overlay(image, labels), prefix.with_name(prefix.name + "_overlay.png")),
     ]
+
+
+def save_label_outputs(image: np.ndarray, labels: np.ndarray, prefix: Path) -> list[Path]:
+    """A semantic family's label map: PREFIX.png holds the class index of every pixel (0 =
+    background; 8-bit, 16-bit beyond 255 classes), PREFIX_overlay.png the classes in colour."""
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    labels = np.asarray(labels)
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"label map {labels.shape} does not match the image {image.shape[:2]}")
+    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
+    return [
+        _save_png(labels.astype(dtype), prefix.with_name(prefix.name + ".png")),
+        _save_png(overlay(image, labels), prefix.with_name(prefix.name + "_overlay.png")),
+    ]

@@ -14,9 +14,15 @@ from typing import Sequence
 
 import numpy as np
 
-from samedge.calibration.drift import VariantDrift, measure_drift
+from samedge.calibration.drift import SemanticDrift, VariantDrift, measure_drift
 from samedge.calibration.prompts import auto_boxes
-from samedge.calibration.sources import Slice, bundled_slices
+from samedge.calibration.sources import (
+    Slice,
+    bundled_slices,
+    bundled_stacks,
+    load_image,
+    read_stacks,
+)
 from samedge.export.bundle import write_json_atomic
 from samedge.export.exporter import export_bundle
 from samedge.models import build_model
@@ -28,22 +34,49 @@ from samedge.runtime.predictor import Predictor
 # Slices whose encoder/decoder outputs validate the ONNX export (one small CT, one 512² CT, one
 # non-square MR); all bundled slices are used for the runtime agreement check.
 EXPORT_VALIDATION = ("CT_small.dcm", "693_J2KI.dcm", "examples_overlay.dcm")
+# Depth models: stacks of D adjacent slices of the bundled MR volume (or of the given volumes);
+# the first EXPORT_STACKS validate the export, all of them the runtime agreement check.
+PIPELINE_STACKS, EXPORT_STACKS = 3, 2
+
+
+def read_validation_data(paths: Sequence[Path], depth: int
+                         ) -> tuple[list[Slice], list[list[Slice]] | None]:
+    """``--validation-data`` for a model of ``depth``: slices (a volume gives its middle slice)
+    for 2-D models; for depth models stacks of D adjacent slices, two per volume."""
+    if depth > 1:
+        stacks = read_stacks(paths, depth, per_volume=EXPORT_STACKS)
+        return [stack[depth // 2] for stack in stacks], stacks
+    return [load_image(p) for p in paths], None
 
 
 @dataclass
 class Latency:
+    """Medians. ``encoder_s``: one encoder call (one slice, or one stack of D slices for depth
+    models). Prompt families: ``box_s`` one box decoded, ``boxes16_per_box_s`` 16 boxes in one
+    call per box. Semantic families: ``decoder_s`` one prompt-free decoder call answering every
+    encoded slice (``slices_per_call``), upscaling and argmax included."""
+
     encoder_s: float
-    box_s: float
-    boxes16_per_box_s: float
+    box_s: float | None = None
+    boxes16_per_box_s: float | None = None
+    decoder_s: float | None = None
+    slices_per_call: int = 1
 
 
 @dataclass
 class PipelineResult:
+    """``slices``: images the drift was measured on; for depth models ``stacks`` of ``depth``
+    adjacent slices each (``slices`` then counts their slices)."""
+
     bundle: Path
     manifest: dict
     slices: int
-    drift: dict[tuple[str, str], VariantDrift] = field(default_factory=dict)
+    drift: dict[tuple[str, str], VariantDrift | SemanticDrift] = field(default_factory=dict)
     latency: dict[tuple[str, str], Latency] = field(default_factory=dict)
+    stacks: int = 0
+    depth: int = 1
+    # PipelineQuantization: FP16 gate, INT8 variants, default variant (OpenVINO prompt models)
+    quantization: object | None = None
 
 
 def variants_for(backends: Sequence[str]) -> list[tuple[str, str]]:
@@ -55,11 +88,18 @@ def variants_for(backends: Sequence[str]) -> list[tuple[str, str]]:
     return variants
 
 
-def time_variant(bundle: Bundle, backend: str, precision: str, image: np.ndarray,
-                 threads: int | None, repeats: int = 5) -> Latency:
-    """Medians after one warm-up call: set_image, one box, and 16 boxes in one call."""
+def time_variant(bundle: Bundle, backend: str, precision: str,
+                 image: np.ndarray | Sequence[np.ndarray], threads: int | None,
+                 repeats: int = 5) -> Latency:
+    """Medians after one warm-up call. Encoder: ``set_image`` of one image, or ``set_volume`` of
+    a depth model's stack of D images. Decoder: prompt families one box and 16 boxes in one call
+    (on the stack's centre slice); semantic families one ``segment()`` call."""
     predictor = Predictor(bundle, backend=backend, precision=precision, threads=threads)
-    boxes = np.tile(auto_boxes(image), (4, 1))[:16]
+    if predictor.depth > 1:
+        stack = list(image)
+        encode, centre = (lambda: predictor.set_volume(stack)), stack[len(stack) // 2]
+    else:
+        encode, centre = (lambda: predictor.set_image(image)), image
 
     def median(fn) -> float:
         fn()
@@ -70,7 +110,11 @@ def time_variant(bundle: Bundle, backend: str, precision: str, image: np.ndarray
             samples.append(time.perf_counter() - start)
         return float(np.median(samples))
 
-    encoder = median(lambda: predictor.set_image(image))
+    encoder = median(encode)
+    if predictor.semantic:
+        return Latency(encoder, decoder_s=median(predictor.segment),
+                       slices_per_call=len(predictor.embeddings))
+    boxes = np.tile(auto_boxes(centre), (4, 1))[:16]
     one = median(lambda: predictor.predict(boxes=boxes[0]))
     many = median(lambda: predictor.predict(boxes=boxes))
     return Latency(encoder, one, many / len(boxes))
@@ -83,21 +127,39 @@ def run_pipeline(
     slices: Sequence[Slice] | None = None,
     threads: int | None = None,
     steps: Steps | None = None,
+    stacks: Sequence[Sequence[Slice]] | None = None,
+    validation_data: Sequence[Path] | None = None,
+    int8: bool = True,
     **model_options,
 ) -> PipelineResult:
+    """``slices`` (2-D models) or ``stacks`` of D adjacent slices (depth models), or
+    ``validation_data`` files read as :func:`read_validation_data` does; default: the bundled
+    real slices, or stacks of the bundled MR volume."""
     steps = steps or Steps(quiet=True)
     with steps.step(f"build {family} model"):
         card: ModelCard = build_model(family, **model_options)
-    with steps.step("read bundled real slices"):
-        slices = list(slices) if slices is not None else bundled_slices()
+    depth = card.depth
+    with steps.step("read real slices" if depth == 1 else f"read real stacks of {depth} slices"):
+        if validation_data:
+            slices, stacks = read_validation_data(validation_data, depth)
+        elif depth > 1:
+            stacks = [list(s) for s in stacks] if stacks else bundled_stacks(depth, PIPELINE_STACKS)
+            slices = [stack[depth // 2] for stack in stacks]  # where prompts are decoded
+        else:
+            slices = list(slices) if slices is not None else bundled_slices()
     chosen = [s for s in slices if s.name in EXPORT_VALIDATION] or slices[:3]
     manifest = export_bundle(card, out, [s.image for s in chosen], backends=backends,
-                             steps=steps, image_names=[s.name for s in chosen])
+                             steps=steps, image_names=[s.name for s in chosen],
+                             stacks=stacks[:EXPORT_STACKS] if depth > 1 else None)
     variants = variants_for(backends)
-    drift = measure_drift(card, out, slices, variants, steps=steps, threads=threads)
+    drift = measure_drift(card, out, slices, variants, steps=steps, threads=threads,
+                          stacks=stacks if depth > 1 else None)
     bundle = Bundle(out)
     latency = {}
-    probe = max(slices, key=lambda s: s.image.shape[0] * s.image.shape[1]).image
+    if depth > 1:  # the stack of the largest slices: one encoder call on D of them
+        probe = [s.image for s in max(stacks, key=lambda st: st[0].image[..., 0].size)]
+    else:
+        probe = max(slices, key=lambda s: s.image.shape[0] * s.image.shape[1]).image
     with steps.step("time encoder and decoder per variant"):
         for backend, precision in variants:
             latency[(backend, precision)] = time_variant(bundle, backend, precision, probe,
@@ -107,9 +169,20 @@ def run_pipeline(
             fmt = "onnx" if backend == "onnxruntime" else "openvino_ir"
             if artifact["format"] == fmt and artifact["precision"] == precision:
                 artifact.setdefault("validation", {})[backend] = {
-                    "slices": [s.name for s in slices],
+                    **({"stacks": [[s.name for s in st] for st in stacks]} if depth > 1
+                       else {"slices": [s.name for s in slices]}),
                     "reference": "FP32 PyTorch, same preprocessing",
                     **result.summary(),
                 }
     write_json_atomic(out / MANIFEST_NAME, manifest)
-    return PipelineResult(out, manifest, len(slices), drift, latency)
+    quantization = None
+    if "openvino" in backends and card.decoder == "prompt" and depth == 1:
+        # gate FP16, add INT8 only where it passes, record the fastest passing variant
+        from samedge.calibration.build import quantize_for_pipeline
+
+        quantization = quantize_for_pipeline(out, card, slices, threads=threads, steps=steps,
+                                             measured=drift, int8=int8)
+        manifest = quantization.manifest
+    return PipelineResult(out, manifest, len(slices) * depth, drift, latency,
+                          stacks=len(stacks) if depth > 1 else 0, depth=depth,
+                          quantization=quantization)

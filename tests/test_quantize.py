@@ -338,6 +338,12 @@ def test_openvino_int8_revert_is_exact(litemedsam_bundle, decoder_feeds):
     quantized = nncf_quantize(xml, decoder_feeds, NncfConfig(subset_size=len(decoder_feeds)))
     mixed = OpenVinoMixed(xml, quantized)
     assert len(mixed.units) > 20 and any(u.weight for u in mixed.units.values())
+    # a unit holds every op that reads one of its activation quantizers: reverting it cannot
+    # leave a float op reading an INT8 activation kept alive by a quantized neighbour
+    unit_of = {op: name for name, unit in mixed.units.items() for op in unit.members}
+    assert sorted(unit_of) == sorted(mixed.ops)
+    for consumers in mixed._fq_consumers.values():
+        assert len({unit_of[c] for c in consumers}) == 1
     import openvino as ov
 
     core = ov.Core()
@@ -415,3 +421,38 @@ def test_calibrate_records_the_calibration_set(bundle_copy, tmp_path):
         calibrate_bundle(bundle_copy, [tmp_path / "nowhere"])
     with pytest.raises(ImageError):
         calibrate_bundle(bundle_copy, [folder], window="ct-elbow")
+
+
+def test_pipeline_precision_step_gates_fp16_and_keeps_fp32_default(bundle_copy, real_slices,
+                                                                    litemedsam_card):
+    """`samedge pipeline` without INT8: a failing FP16 IR leaves the bundle with the reason
+    recorded, and the default is the fastest gate-passing variant (FP32 unless clearly faster)."""
+    from samedge.calibration.build import SPEED_MARGIN, quantize_for_pipeline
+    from samedge.calibration.drift import VariantDrift
+
+    def drift(precision, dice):
+        d = VariantDrift("openvino", precision, dice=list(dice), iou=list(dice),
+                         logits_mean_abs=[0.0], embedding_cosine=[1.0], embedding_rel_err=[0.0])
+        d.cases = [("CT_small.dcm", f"box {i}", v) for i, v in enumerate(dice)]
+        return d
+
+    measured = {("openvino", "fp32"): drift("fp32", [1.0] * 5),
+                ("openvino", "fp16"): drift("fp16", [1.0, 1.0, 0.97, 1.0, 1.0])}
+    slices = [s for s in real_slices if s.name == "CT_small.dcm"]
+    result = quantize_for_pipeline(bundle_copy, litemedsam_card, slices, threads=2,
+                                   measured=measured, int8=False)
+    bundle = Bundle(bundle_copy)
+    assert not [a for a in bundle.artifacts if a["format"] == "openvino_ir"
+                and a["precision"] == "fp16"]
+    rejected = bundle.manifest["builds"][-1]["rejected"]
+    assert {r["variant"] for r in rejected} == {"encoder openvino_ir fp16",
+                                                "decoder openvino_ir fp16"}
+    assert "worst prompt Dice 0.9700" in " ".join(rejected[0]["why"])
+    assert any("openvino fp16 kept out of the bundle" in m for m in result.messages)
+    rows = {r.label: r for r in result.rows}
+    assert rows["openvino fp32"].passed and not rows["openvino fp16"].in_bundle
+    assert result.default.label == "openvino fp32" and rows["openvino fp32"].encoder_s > 0
+    default = bundle.manifest["default_variant"]
+    assert (default["backend"], default["precision"], default["decoder_precision"]) == (
+        "openvino", "fp32", "fp32")
+    assert SPEED_MARGIN > 0 and "openvino fp32" in default["timed"]

@@ -13,11 +13,15 @@ report; :func:`quantize_for_pipeline` is the step ``samedge pipeline`` runs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import json
+import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -49,8 +53,9 @@ from samedge.calibration.quantize import (
 )
 from samedge.calibration.sources import Slice, bundled_slices
 from samedge.calibration.windows import Window, parse_window
-from samedge.errors import DataSourceError, SamedgeError
+from samedge.errors import BackendUnavailableError, DataSourceError, SamedgeError
 from samedge.export.bundle import BundleWriter, write_json_atomic
+from samedge.export.openvino import opt_out_of_telemetry
 from samedge.progress import Steps
 from samedge.runtime.backends import open_backend
 from samedge.runtime.bundle import MANIFEST_NAME, Bundle
@@ -84,7 +89,9 @@ class SearchOptions:
     "none" (plain PTQ). ``target`` is what the search aims for (default: mean Dice ≥ 0.99 and
     worst ≥ 0.95, stricter than the admission gate); ``tune_on`` which slices it measures:
     ``calibration`` (``tune_count`` slices of the calibration set, keeping validation held out)
-    or ``validation``."""
+    or ``validation``. ``granularity`` (OpenVINO): ``op`` switches each quantized op (with the ops
+    sharing its input quantizer), ``block`` whole blocks — coarser, about 4× fewer units to rank,
+    for a time budget (``samedge pipeline``)."""
 
     method: str = "search"
     target: Gate = SEARCH_TARGET
@@ -92,6 +99,7 @@ class SearchOptions:
     tune_count: int = 8
     ranking_count: int = 2
     max_evaluations: int = 10
+    granularity: str = "op"
 
 
 @dataclass
@@ -143,6 +151,22 @@ class BuildResult:
 # -------------------------------------------------------------------------------------------------
 # Measuring candidates through the real Predictor
 # -------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_tools(quiet: bool):
+    """``--quiet`` reaches the tools too: NNCF's progress bars and NNCF/ONNX Runtime log lines
+    are swallowed while a candidate is built (nothing changes without ``quiet``)."""
+    if not quiet:
+        yield
+        return
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
 def _slice_prompts(slices: Sequence[Slice], policy: PromptPolicy) -> Callable:
     """``reference_outputs`` asks for prompts by image; map images back to their slices."""
     lookup = {id(s.image): s for s in slices}
@@ -350,7 +374,7 @@ def _search(units, realize, probe: CandidateProbe, proxy, options: SearchOptions
             steps: Steps, label: str):
     """Rank + bisect; returns (model, SearchResult)."""
     t0 = time.perf_counter()
-    with steps.step(f"{label}: rank {len(units)} quantized ops by single-op error"):
+    with steps.step(f"{label}: rank {len(units)} quantized units by their INT8 error alone"):
         sensitivity = rank_units(list(units), realize, proxy, steps)
     ranking = time.perf_counter() - t0
     target = options.target
@@ -368,6 +392,7 @@ def _nncf_accuracy_control(float_model, feeds: Feeds, config: NncfConfig, probe:
     """``nncf.quantize_with_accuracy_control``: its ``validation_fn`` runs the real metric (the
     compiled candidate swapped into the runtime Predictor, masks vs FP32 PyTorch) and returns the
     gate's combined Dice score, plus per-slice mean Dice for NNCF's ranking."""
+    opt_out_of_telemetry()
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
@@ -408,7 +433,7 @@ def _openvino_int8(graph: str, bundle: Bundle, stage: Path, feeds: Feeds, probe:
     with steps.step(f"{graph}: NNCF INT8 calibration on {len(feeds)} inputs"):
         quantized = nncf_quantize(float_model, feeds, config)
     calibration_s = time.perf_counter() - start
-    mixed = OpenVinoMixed(float_model, quantized)
+    mixed = OpenVinoMixed(float_model, quantized, options.granularity)
     search = None
     model = quantized
     if options.method == "search":
@@ -528,11 +553,21 @@ def build_variants(
         raise SamedgeError(f"precision {precision!r} is not built here", hint=f"use {PRECISIONS}")
     if backend not in TARGETS:
         raise SamedgeError(f"unknown backend {backend!r}", hint=f"use one of {sorted(TARGETS)}")
+    unknown = [g for g in graphs if g not in GRAPHS]
+    if unknown or not graphs:
+        raise SamedgeError(f"unknown graph(s) {', '.join(unknown) or '(none)'}",
+                           hint="use encoder, decoder or encoder,decoder")
+    if search is not None and search.method == "nncf" and backend != "openvino":
+        raise SamedgeError("accuracy control 'nncf' (quantize_with_accuracy_control) works on "
+                           "OpenVINO models only", hint="use --search search for ONNX graphs")
+    if backend == "tensorrt":
+        require_tensorrt(precision)
     bundle_path = Path(bundle_path)
     bundle = Bundle(bundle_path)
     card = _card_for(bundle, card)
     gates = gates or GateSet()
     search = search or SearchOptions()
+    search = replace(search, target=at_least(search.target, gates.for_precision(precision)))
     nncf_config = nncf_config or NncfConfig()
     calibration = calibration or calibration_from_manifest(bundle.manifest)
     policy = prompts or PromptPolicy(clicks=bundle.model.get("prompt") == "points")
@@ -561,6 +596,8 @@ def build_variants(
             t0 = time.perf_counter()
             feeds = _feeds_for(graph, calibration, bundle, encoder_fp32, policy)
             probe = CandidateProbe(bundle, graph, measure_backend, tuning, threads)
+            tools = quiet_tools(steps.quiet)
+            tools.__enter__()
             try:
                 if precision == "fp16":
                     candidate = _fp16(graph, bundle, stage, fmt, feeds, steps)
@@ -586,6 +623,7 @@ def build_variants(
                 candidate = Candidate(graph, fmt, precision, [], error=f"{type(exc).__name__}: "
                                                                          f"{exc}")
             finally:
+                tools.__exit__(None, None, None)
                 probe.close()
             timings[f"{graph} {precision}"] = time.perf_counter() - t0
             candidates.append(candidate)
@@ -657,6 +695,8 @@ def build_variants(
         })
         manifest = writer.commit(fields)
     result = BuildResult(bundle_path, manifest, added, rejected, combined, timings)
+    if backend == "tensorrt" and added:
+        result.manifest = add_tensorrt_engines(bundle_path, added, precision, steps)
     if report:
         from samedge.calibration.report import write_report
 
@@ -750,6 +790,59 @@ def report_extras(result: BuildResult, measured: Measured) -> dict:
     return extras
 
 
+def at_least(target: Gate, gate: Gate) -> Gate:
+    """The search target, raised where the admission gate is stricter (a gate override given
+    on the command line must not be looser than what the search aims for)."""
+    return replace(target, max_mean_dice_drop=min(target.max_mean_dice_drop,
+                                                  gate.max_mean_dice_drop),
+                   min_worst_dice=max(target.min_worst_dice, gate.min_worst_dice))
+
+
+def require_tensorrt(precision: str) -> None:
+    """``build --backend tensorrt`` builds engines, which needs TensorRT on this machine."""
+    from samedge.export.tensorrt import _tensorrt
+
+    try:
+        _tensorrt()
+    except BackendUnavailableError as exc:
+        raise BackendUnavailableError(
+            f"cannot build TensorRT {precision} engines here: {exc.args[0]}",
+            hint="TensorRT engines are built on the target GPU/Jetson that runs them. On this "
+                 f"machine `samedge build BUNDLE --backend onnxruntime --precision {precision}` "
+                 "builds and validates the graph TensorRT consumes ("
+                 + ("explicit Q/DQ INT8 ONNX" if precision == "int8" else
+                    "mixed FP16 ONNX, LayerNorm/softmax in FP32")
+                 + "); run `--backend tensorrt` on the target to turn it into an engine",
+        ) from exc
+
+
+def add_tensorrt_engines(bundle_path: Path, candidates: Sequence[Candidate], precision: str,
+                         steps: Steps) -> dict:
+    """Build one engine per gate-passing ONNX graph on this GPU and add it to the bundle next to
+    the graph it was built from. Its drift is that graph's (measured on ONNX Runtime); written to
+    TensorRT's documented API and not run in this repository (no TensorRT here)."""
+    from samedge.export.tensorrt import build_engine
+
+    bundle = Bundle(bundle_path)
+    with BundleWriter(bundle_path) as writer:
+        writer.adopt(bundle_path, bundle.artifacts)
+        (writer.staging / "tensorrt").mkdir(exist_ok=True)
+        for candidate in candidates:
+            source = bundle.find(candidate.graph, "onnxruntime", precision)
+            inputs = {i["name"]: tuple(i["shape"])
+                      for i in bundle.manifest["graphs"][candidate.graph]["inputs"]}
+            engine = writer.staging / "tensorrt" / f"{candidate.graph}_{precision}.engine"
+            with steps.step(f"TensorRT {precision} engine for the {candidate.graph}"):
+                files = build_engine(bundle.entry_path(source), engine, inputs, precision)
+            writer.add_artifact(candidate.graph, "tensorrt_engine", precision, files,
+                                built_from=source["entry"],
+                                engine=json.loads(Path(files[1]).read_text()),
+                                validation=source.get("validation", {}))
+        fields = {k: copy.deepcopy(bundle.manifest[k]) for k in (*MANIFEST_KEEP, "builds")
+                  if k in bundle.manifest}
+        return writer.commit(fields)
+
+
 # -------------------------------------------------------------------------------------------------
 # calibrate / validate / pipeline entry points
 # -------------------------------------------------------------------------------------------------
@@ -764,7 +857,8 @@ def normalize_window(window: Window | None) -> Window | None:
 def calibrate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None,
                      window: Window | None = None, count: int = 300, seed: int = 0,
                      augment: bool = True, modality: str | None = None,
-                     family: str = "litemedsam", steps: Steps | None = None, **model_options
+                     family: str = "litemedsam", steps: Steps | None = None,
+                     backends: Sequence[str] = ("onnxruntime", "openvino"), **model_options
                      ) -> dict:
     """``samedge calibrate --data DIR --window ct-abdomen -o bundle/``.
 
@@ -784,8 +878,8 @@ def calibrate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None,
         with steps.step(f"build {family} model"):
             card = build_model(family, **model_options)
         sample = [s for _, s in zip(range(3), calibration.iter_slices())]
-        export_bundle(card, bundle_path, [s.image for s in sample], steps=steps,
-                      image_names=[s.name for s in sample])
+        export_bundle(card, bundle_path, [s.image for s in sample], backends=backends,
+                      steps=steps, image_names=[s.name for s in sample])
     with steps.step(f"read {calibration.count} calibration slices (one at a time)"):
         stats = calibration_statistics(calibration, Bundle(bundle_path, verify=False))
     manifest = Bundle(bundle_path).manifest
@@ -842,7 +936,6 @@ def validate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None =
     steps = steps or Steps(quiet=True)
     bundle_path = Path(bundle_path)
     bundle = Bundle(bundle_path)
-    card = _card_for(bundle, card)
     gates = gates or GateSet()
     policy = PromptPolicy(mode=prompts, jitter=jitter, prompts_file=prompts_file,
                           clicks=bundle.model.get("prompt") == "points")
@@ -851,23 +944,32 @@ def validate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None =
                   else bundled_slices())
     if not slices:
         raise DataSourceError(f"no validation slices in {data}")
+    card = _card_for(bundle, card)  # after the data checks: building the model takes seconds
     with steps.step(f"FP32 PyTorch reference on {len(slices)} slices"):
         measured = references_for(card, slices, policy, Steps(quiet=True))
     variants = {}
     worst_cases: list = []
     names = [s.name for s in slices]
-    for backend, precision in bundle_variants(bundle):
-        label = f"{backend} {precision}"
+    combos = bundle_variants(bundle)
+    default = bundle.manifest.get("default_variant") or {}
+    chosen = (default.get("backend"), default.get("precision"),
+              default.get("decoder_precision", default.get("precision")))
+    if chosen[0] in ("onnxruntime", "openvino") and None not in chosen and chosen not in combos:
+        # the pipeline's pick may be a mixed pair (INT8 encoder, FP32 decoder)
+        combos.append(chosen)
+    for backend, encoder, decoder in combos:
+        label = variant_label(backend, encoder, decoder)
+        precision = decoder if encoder == "fp32" else encoder
         keeper = WorstKeeper(label, measured, k=2)
         with steps.step(f"drift of {label}"):
-            drift = measure_variant(bundle, backend, precision, measured.slices,
+            drift = measure_variant(bundle, backend, encoder, measured.slices,
                                     measured.references, Steps(quiet=True), threads,
-                                    observe=keeper)
+                                    decoder_precision=decoder, observe=keeper)
         if precision != "fp32":
             worst_cases += keeper.cases()
         gate = gates.evaluate(precision, drift.summary()) if precision != "fp32" else None
         variants[label] = validation_entry(drift, gate, names,
-                                           {"encoder": precision, "decoder": precision})
+                                           {"encoder": encoder, "decoder": decoder})
     passed = all(v["gate"]["passed"] for v in variants.values() if "gate" in v)
     out = Path(report_dir) if report_dir else bundle_path.parent / f"{bundle_path.name}-validation"
     from samedge.calibration.report import write_report
@@ -880,78 +982,264 @@ def validate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None =
     return ValidationResult(passed, variants, out)
 
 
-def bundle_variants(bundle: Bundle) -> list[tuple[str, str]]:
-    """(backend, precision) pairs the bundle can run with one precision for both graphs."""
+def bundle_variants(bundle: Bundle) -> list[tuple[str, str, str]]:
+    """(backend, encoder precision, decoder precision) the Predictor can run from this bundle:
+    FP32, and per reduced precision every graph that has it (the other graph FP32) — so an INT8
+    encoder whose INT8 decoder was kept out is still validated, with the FP32 decoder."""
     have = {(a["graph"], a["format"], a["precision"]) for a in bundle.artifacts}
+    order = {"fp32": 0, "fp16": 1, "int8": 2}
     out = []
-    for backend, formats in (("onnxruntime", ("onnx",)), ("openvino", ("openvino_ir",))):
-        precisions = sorted({p for g, f, p in have if f in formats and g == "encoder"})
+    for backend, fmt in (("onnxruntime", "onnx"), ("openvino", "openvino_ir")):
+        precisions = sorted({p for g, f, p in have if f == fmt and g in GRAPHS},
+                            key=lambda p: (order.get(p, 9), p))
         for precision in precisions:
-            if any(("decoder", f, precision) in have for f in formats):
-                out.append((backend, precision))
+            encoder = precision if ("encoder", fmt, precision) in have else "fp32"
+            decoder = precision if ("decoder", fmt, precision) in have else "fp32"
+            if {("encoder", fmt, encoder), ("decoder", fmt, decoder)} <= have:
+                out.append((backend, encoder, decoder))
     return out
 
 
+def variant_label(backend: str, encoder: str, decoder: str) -> str:
+    if encoder == decoder:
+        return f"{backend} {encoder}"
+    return f"{backend} encoder {encoder} + decoder {decoder}"
+
+
 # -- pipeline -------------------------------------------------------------------------------------
+# `samedge pipeline`'s INT8 budget on 2 cores: 16 calibration slices, whole blocks as search units
+# ranked on 1 slice, 4 tuning slices, at most 8 real evaluations per graph (205 s for LiteMedSAM's
+# encoder and decoder, measured on shared cores; see README). `samedge build` defaults to per-op
+# units, 2 ranking slices, 8 tuning slices and the calibration set recorded by `calibrate`.
+PIPELINE_CALIBRATION = 16
+# A reduced precision becomes the default only when this much faster than FP32 (one encoder call
+# + one box, medians of interleaved rounds): smaller differences are noise on shared cores.
+SPEED_MARGIN = 0.05
+PIPELINE_SEARCH = SearchOptions(granularity="block", ranking_count=1, tune_count=4,
+                                max_evaluations=8)
+
+
+@dataclass
+class VariantRow:
+    """One (encoder, decoder) precision pair of one backend, as the pipeline reports it."""
+
+    backend: str
+    encoder: str
+    decoder: str
+    summary: dict | None
+    gate: GateResult | None
+    encoder_s: float | None = None
+    box_s: float | None = None
+    in_bundle: bool = True
+    default: bool = False
+
+    @property
+    def label(self) -> str:
+        return variant_label(self.backend, self.encoder, self.decoder)
+
+    @property
+    def passed(self) -> bool:
+        return self.gate is not None and self.gate.passed
+
+
 @dataclass
 class PipelineQuantization:
-    build: BuildResult
-    latency: dict[str, float]
-    default: tuple[str, str]
+    build: BuildResult | None
+    rows: list[VariantRow]
+    default: VariantRow
     messages: list[str]
+    seconds: float
+    manifest: dict
+    report: Path | None = None
+
+    @property
+    def latency(self) -> dict[str, float]:
+        return {r.label: r.encoder_s for r in self.rows if r.encoder_s is not None}
 
 
-def time_encoder(bundle: Bundle, backend: str, precision: str, image: np.ndarray,
-                 threads: int | None, repeats: int = 5) -> float:
-    """Median ``set_image`` seconds after one warm-up (interleave calls to compare variants)."""
-    predictor = Predictor(bundle, backend=backend, precision=precision, threads=threads,
-                          decoder_precision="fp32")
-    predictor.set_image(image)
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def int8_instructions() -> list[str]:
+    """CPU features that make INT8 fast on CPU (x86 VNNI/AMX), from /proc/cpuinfo (Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "avx_vnni_int8", "asimddp",
+                           "i8mm"})
+
+
+def time_variants(bundle: Bundle, rows: Sequence[VariantRow], image: np.ndarray,
+                  threads: int | None, repeats: int = 3) -> None:
+    """Median ``set_image`` and one-box ``predict`` per row, rounds interleaved across rows
+    (the cores are shared, so the variants see the same background load)."""
+    from samedge.calibration.prompts import auto_boxes
+
+    box = auto_boxes(image)[0]
+    predictors = [Predictor(bundle, backend=r.backend, precision=r.encoder, threads=threads,
+                            decoder_precision=r.decoder) for r in rows]
+    for predictor in predictors:  # warm-up
         predictor.set_image(image)
-        samples.append(time.perf_counter() - t0)
-    return float(np.median(samples))
+        predictor.predict(boxes=box)
+    encoder: list[list[float]] = [[] for _ in rows]
+    decoder: list[list[float]] = [[] for _ in rows]
+    for _ in range(repeats):
+        for i, predictor in enumerate(predictors):
+            t0 = time.perf_counter()
+            predictor.set_image(image)
+            t1 = time.perf_counter()
+            predictor.predict(boxes=box)
+            encoder[i].append(t1 - t0)
+            decoder[i].append(time.perf_counter() - t1)
+    for row, enc, dec in zip(rows, encoder, decoder):
+        row.encoder_s, row.box_s = float(np.median(enc)), float(np.median(dec))
+
+
+def drop_variants(bundle_path: Path, keys: Sequence[tuple[str, str, str]],
+                  why: dict[str, Any]) -> dict:
+    """Take artifacts out of a bundle (atomically), recording why in its ``builds`` history."""
+    bundle = Bundle(bundle_path)
+    with BundleWriter(bundle_path) as writer:
+        writer.adopt(bundle_path, [a for a in bundle.artifacts
+                                   if (a["graph"], a["format"], a["precision"]) not in keys])
+        fields = {k: copy.deepcopy(bundle.manifest[k]) for k in (*MANIFEST_KEEP, "builds")
+                  if k in bundle.manifest}
+        fields.setdefault("builds", []).append({
+            "step": "pipeline gate", "added": [],
+            "rejected": [{"variant": label, "why": reason} for label, reason in why.items()]})
+        return writer.commit(fields)
 
 
 def quantize_for_pipeline(bundle_path: str | Path, card, slices: Sequence[Slice],
                           threads: int | None = None, steps: Steps | None = None,
                           calibration: CalibrationSet | None = None,
-                          search: SearchOptions | None = None, repeats: int = 5
-                          ) -> PipelineQuantization:
-    """What ``samedge pipeline`` adds after export: OpenVINO INT8 (encoder; decoder too) only
-    when it passes the gate, then the fastest gate-passing OpenVINO variant becomes the bundle's
-    ``default_variant`` — on CPUs without VNNI that is usually FP32, and the messages say so."""
+                          search: SearchOptions | None = None, repeats: int = 3,
+                          measured: dict[tuple[str, str], VariantDrift] | None = None,
+                          int8: bool = True) -> PipelineQuantization:
+    """What ``samedge pipeline`` does after export: gate the FP16 IR it measured (``measured``:
+    the pipeline's drift per (backend, precision)), add OpenVINO INT8 encoder and decoder only
+    where they pass their gate, then time every passing OpenVINO variant in interleaved rounds and
+    record the fastest as the bundle's ``default_variant`` — on CPUs without VNNI/AMX usually
+    FP32, and the messages say so and why."""
     steps = steps or Steps(quiet=True)
-    calibration = calibration or CalibrationSet(None, count=32)
-    result = build_variants(bundle_path, "int8", "openvino", GRAPHS, calibration, slices,
-                            card=card, threads=threads, steps=steps, search=search)
+    started = time.perf_counter()
+    bundle_path = Path(bundle_path)
+    gates = GateSet()
+    messages: list[str] = []
+    rows: list[VariantRow] = []
+    measured = measured or {}
+    for precision in ("fp32", "fp16"):
+        drift = measured.get(("openvino", precision))
+        if drift is not None:
+            summary = drift.summary()
+            rows.append(VariantRow("openvino", precision, precision, summary,
+                                   gates.evaluate(precision, summary)))
+    failed = [r for r in rows if r.encoder != "fp32" and not r.passed]
+    if failed:
+        why = {f"{g} openvino_ir {r.encoder}": r.gate.reasons for r in failed for g in GRAPHS}
+        drop_variants(bundle_path, [(g, "openvino_ir", r.encoder) for r in failed
+                                    for g in GRAPHS], why)
+        for r in failed:
+            r.in_bundle = False
+            messages.append(f"{r.label} kept out of the bundle: {'; '.join(r.gate.reasons)}")
+
+    result = None
+    if int8:
+        calibration = calibration or CalibrationSet(None, count=PIPELINE_CALIBRATION)
+        result = build_variants(bundle_path, "int8", "openvino", GRAPHS, calibration, slices,
+                                card=card, threads=threads, steps=steps,
+                                search=search or PIPELINE_SEARCH, layer_errors=False)
+        by_graph = {c.graph: c for c in result.added + result.rejected}
+        for graph in GRAPHS:
+            candidate = by_graph.get(graph)
+            if candidate is None:
+                continue
+            encoder = "int8" if graph == "encoder" else "fp32"
+            decoder = "int8" if graph == "decoder" else "fp32"
+            row = VariantRow("openvino", encoder, decoder,
+                             candidate.drift.summary() if candidate.drift else None,
+                             candidate.gate,
+                             in_bundle=any(candidate is c for c in result.added))
+            rows.append(row)
+            search_facts = ""
+            if candidate.search is not None:
+                s = candidate.search
+                search_facts = (f"; the accuracy search kept {len(s.float_units)} of "
+                                f"{len(s.float_units) + len(s.int8_units)} units in float")
+            if row.in_bundle:
+                messages.append(f"INT8 {graph} added: mean Dice {row.summary['dice_mean']:.4f}, "
+                                f"worst {row.summary['dice_min']:.4f} vs FP32 PyTorch"
+                                f"{search_facts}")
+            else:
+                why = candidate.error or "; ".join(candidate.gate.reasons if candidate.gate
+                                                   else ["not measured"])
+                holding = ""
+                if candidate.search is not None:
+                    top = candidate.search.describe(3)["most_sensitive"]
+                    holding = "; most sensitive: " + ", ".join(
+                        f"{o['op']} ({100 * o['share']:.0f} %)" for o in top)
+                messages.append(f"INT8 {graph} kept out of the bundle: {why}{search_facts}"
+                                f"{holding}")
+        if result.combined:
+            summary = result.combined["drift"].summary()
+            row = VariantRow("openvino", "int8", "int8", summary, result.combined["gate"],
+                             in_bundle=result.combined["gate"].passed)
+            rows.append(row)
+
     bundle = Bundle(bundle_path)
     probe = max(slices, key=lambda s: s.image.shape[0] * s.image.shape[1]).image
-    candidates = [("openvino", p) for p in ("fp32", "fp16", "int8")
-                  if _has(bundle, "encoder", "openvino_ir", p)]
-    latency: dict[str, float] = {f"{b} {p}": [] for b, p in candidates}
-    for _ in range(repeats):  # interleaved: the cores are shared
-        for backend, precision in candidates:
-            latency[f"{backend} {precision}"].append(
-                time_encoder(bundle, backend, precision, probe, threads, repeats=1))
-    latency = {k: float(np.median(v)) for k, v in latency.items()}
-    fastest = min(latency, key=latency.get)
-    messages = result.lines()
-    if "openvino int8" in latency and latency["openvino int8"] > latency["openvino fp32"]:
-        messages.append(
-            f"INT8 passes its gate but is slower than FP32 on this CPU "
-            f"({latency['openvino int8'] * 1e3:.0f} ms vs {latency['openvino fp32'] * 1e3:.0f} ms "
-            "per encoder call; no AVX-512 VNNI/AMX): the default stays the fastest passing "
-            f"variant, {fastest}")
-    default = tuple(fastest.split())
+    timed = [r for r in rows if r.in_bundle and r.passed]
+    if timed:
+        with steps.step(f"time {len(timed)} gate-passing OpenVINO variants, {repeats} "
+                        "interleaved rounds"):
+            time_variants(bundle, timed, probe, threads, repeats)
+    if not timed:  # nothing measured (no OpenVINO): FP32 stays the default, untimed
+        timed = [VariantRow("openvino", "fp32", "fp32", None, None)]
+
+    def cost(row: VariantRow) -> float:  # one encoder call + one box: a first interaction
+        return (row.encoder_s or 0.0) + (row.box_s or 0.0)
+
+    fp32 = next((r for r in timed if r.encoder == r.decoder == "fp32"), None)
+    fastest = min(timed, key=cost)
+    default = fastest
+    if fp32 is not None and cost(fastest) > (1.0 - SPEED_MARGIN) * cost(fp32):
+        default = fp32  # not measurably faster: keep the exact variant
+    default.default = True
+    fast = int8_instructions()
+    cpu = (f"this CPU has {', '.join(fast)}" if fast else
+           "this CPU has no INT8 dot-product instructions (no AVX-512 VNNI, AVX-VNNI or AMX), "
+           "so OpenVINO computes INT8 layers no faster than FP32")
+    if fp32 is not None and cost(fp32):
+        slow = [r for r in timed if r is not fp32 and cost(r) > (1.0 - SPEED_MARGIN) * cost(fp32)]
+        if slow:
+            times = "; ".join(f"{r.label} {r.encoder_s * 1e3:.0f} ms + {r.box_s * 1e3:.1f} ms"
+                              for r in [fp32, *slow])
+            messages.append(f"not faster than FP32 here (encoder + one box, median of "
+                            f"{repeats} interleaved rounds; under {SPEED_MARGIN:.0%} counts as "
+                            f"noise on shared cores): {times}")
+        if any("int8" in (r.encoder, r.decoder) for r in slow):
+            messages.append(f"INT8 is no faster than FP32 here: {cpu}")
+    messages.append(f"default variant: {default.label} — "
+                    + ("the fastest variant that passes its gate" if default is fastest else
+                       f"no gate-passing variant is {SPEED_MARGIN:.0%} faster than FP32")
+                    + (f" ({default.encoder_s * 1e3:.0f} ms encoder + "
+                       f"{default.box_s * 1e3:.1f} ms per box)" if default.encoder_s else ""))
     manifest = bundle.manifest
-    manifest["default_variant"] = {"backend": default[0], "precision": default[1],
-                                   "encoder_latency_s": latency,
-                                   "why": "fastest variant that passes its gate on this machine"}
-    write_json_atomic(Path(bundle_path) / MANIFEST_NAME, manifest)
-    return PipelineQuantization(result, latency, default, messages)
+    manifest["default_variant"] = {
+        "backend": default.backend, "precision": default.encoder,
+        "decoder_precision": default.decoder,
+        "why": "fastest variant that passes its gate on the machine that built the bundle "
+               f"(FP32 unless another is {SPEED_MARGIN:.0%} faster)",
+        "timed": {r.label: {"encoder_s": r.encoder_s, "box_s": r.box_s} for r in timed
+                  if r.encoder_s is not None},
+        "int8_instructions": fast,
+    }
+    write_json_atomic(bundle_path / MANIFEST_NAME, manifest)
+    seconds = time.perf_counter() - started
+    return PipelineQuantization(result, rows, default, messages, seconds, manifest,
+                                result.report if result else None)
 
 
 def _has(bundle: Bundle, graph: str, fmt: str, precision: str) -> bool:

@@ -60,14 +60,16 @@ class Gate:
         mean, worst = float(summary.get("dice_mean", 0.0)), float(summary.get("dice_min", 0.0))
         drop = 1.0 - mean
         if drop > self.max_mean_dice_drop + 1e-12:
-            reasons.append(f"mean Dice vs FP32 {mean:.4f}: drop {drop:.4f} > "
-                           f"{self.max_mean_dice_drop:.4f}")
+            got, bound = _distinct(drop, self.max_mean_dice_drop)
+            reasons.append(f"mean Dice vs FP32 {mean:.{max(4, len(got) - 2)}f}: drop {got} > "
+                           f"{bound}")
         if worst < self.min_worst_dice - 1e-12:
             where = ""
             if summary.get("worst"):
                 case = summary["worst"][0]
                 where = f" ({case['slice']}, {case['prompt']})"
-            reasons.append(f"worst prompt Dice {worst:.4f}{where} < {self.min_worst_dice:.4f}")
+            got, bound = _distinct(worst, self.min_worst_dice)
+            reasons.append(f"worst prompt Dice {got}{where} < {bound}")
         cosine = summary.get("embedding_cosine_min")
         if self.min_embedding_cosine is not None and cosine is not None \
                 and float(cosine) < self.min_embedding_cosine:
@@ -81,6 +83,16 @@ class Gate:
     @classmethod
     def from_dict(cls, data: Mapping) -> "Gate":
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def _distinct(value: float, bound: float) -> tuple[str, str]:
+    """Both numbers with 4 decimals, or as many more as it takes to tell them apart (a drop of
+    0.00204 against 0.002 must not read "0.0020 > 0.0020")."""
+    for digits in (4, 5, 6, 8):
+        a, b = f"{value:.{digits}f}", f"{bound:.{digits}f}"
+        if a != b:
+            break
+    return a, b
 
 
 @dataclass

@@ -277,15 +277,20 @@ def write_report(folder: str | Path, manifest: dict, extras: dict | None = None,
     for label, search in (extras.get("search") or {}).items():
         ops = search.get("most_sensitive", [])
         floated = search.get("float_units", [])
-        text = (f"{label}: {search.get('int8_units')} of {search.get('units')} quantized ops "
-                f"stay INT8, {len(floated)} kept in float by the accuracy search "
+        text = (f"{label}: {search.get('int8_units')} of {search.get('units')} quantized units "
+                "(an op, or the ops reading one input quantizer) stay INT8, "
+                f"{len(floated)} kept in float by the accuracy search "
                 f"({'target met' if search.get('passed') else 'target NOT met'}).")
+        if ops:
+            text += (" Layers holding INT8 back (largest error with only that unit in INT8): "
+                     + ", ".join(f"{_short(o['op'])} ({100 * o['share']:.0f} %)"
+                                 for o in ops[:5]) + ".")
         rows = [[_short(o["op"]), f"{np.sqrt(o['rel_err_sq']):.4f}", f"{100 * o['share']:.1f} %",
                  "float" if o["op"] in floated else "int8"] for o in ops[:15]]
         m, h = _table(["op", "rel. error alone in INT8", "share of error", "kept"], rows)
         steps = [[str(s["float_units"]), f"{s['dice_mean']:.4f}", f"{s['dice_min']:.4f}",
                   "pass" if s["passed"] else "fail"] for s in search.get("steps", [])]
-        sm, sh = _table(["ops in float", "Dice mean", "Dice worst", "target"], steps)
+        sm, sh = _table(["units in float", "Dice mean", "Dice worst", "target"], steps)
         md += [f"## Accuracy search: {label}", "", text, "", m, "", sm, ""]
         body += [f"<h2>Accuracy search: {html.escape(label)}</h2><p>{html.escape(text)}</p>", h,
                  sh]

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from samedge.calibration.windows import Window, parse_window, to_uint8
-from samedge.errors import DataSourceError, ImageError
+from samedge.errors import DataSourceError, ImageError, StackDepthError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 IMAGE_KEYS = ("image", "imgs", "img")
@@ -663,3 +663,69 @@ def bundled_stacks(depth: int, count: int = 2) -> list[list[Slice]]:
     ends), the others spread over the volume."""
     volume = bundled_volume()
     return [volume.stack(centre, depth) for centre in [0, *_evenly_spaced(len(volume), count - 1)]]
+
+
+# --- stacks for depth models ---------------------------------------------------------------------
+
+STACK_HINT = "pass a volume: a DICOM series folder, a NIfTI file or a multi-frame DICOM"
+
+
+def open_volume(path: str | Path, window: Window | None = None,
+                modality: str | None = None) -> Volume:
+    """A volume for a depth model; a single 2-D image is a StackDepthError (it makes no stack)."""
+    source = open_source(path, window, modality)
+    if isinstance(source, Slice):
+        raise StackDepthError(
+            f"{Path(path).name} is a single 2-D image; this model's encoder takes a stack of "
+            "adjacent slices", hint=STACK_HINT)
+    return source
+
+
+def _check_depth(volume: Volume, depth: int) -> None:
+    if len(volume) < depth:
+        raise StackDepthError(
+            f"{volume.name} has {len(volume)} slice(s); this model's encoder takes a stack of "
+            f"{depth} adjacent slices", hint=f"{STACK_HINT} with at least {depth} slices")
+
+
+def volume_stack(volume: Volume, depth: int, centre: int | None = None) -> list[Slice]:
+    """The ``depth`` adjacent slices around ``centre`` (the middle slice by default), edges
+    replicated as MA-SAM pads the volume ends. A volume with fewer than ``depth`` slices is a
+    StackDepthError: replicating most of a stack would feed the model a volume it never saw."""
+    _check_depth(volume, depth)
+    index = len(volume) // 2 if centre is None else centre
+    if not -len(volume) <= index < len(volume):
+        raise ImageError(f"slice {index} out of range for {volume.name} ({len(volume)} slices)",
+                         hint=f"use 0..{len(volume) - 1}")
+    return volume.stack(index, depth)
+
+
+def read_stacks(paths: Iterable[str | Path], depth: int, per_volume: int = 2,
+                window: Window | None = None) -> list[list[Slice]]:
+    """Validation stacks for a depth model: ``per_volume`` stacks of ``depth`` adjacent slices
+    spread evenly along each volume (DICOM series folder, NIfTI, multi-frame DICOM, (D, H, W)
+    npz). Single-frame DICOM files given one by one (``scans/*.dcm``) are grouped into their
+    series and ordered along the slice normal; a lone 2-D image is a StackDepthError."""
+    volumes: list[Volume] = []
+    series: dict[tuple[Path, str], list[tuple[Path, Any]]] = defaultdict(list)
+    for path in map(Path, paths):
+        if path.is_file() and _kind(path) == "dicom":
+            header = _dcmread(path, header_only=True)
+            if _frame_count(header) == 1 and "Rows" in header:
+                uid = str(header.get("SeriesInstanceUID") or "")
+                series[(path.parent, uid)].append((path, header))
+                continue
+        volumes.append(open_volume(path, window))
+    for (folder, _), items in series.items():
+        if len(items) == 1:
+            volumes.append(open_volume(items[0][0], window))  # raises: one slice is no stack
+        else:
+            volumes.append(_series_volume(folder, items, window))
+    if not volumes:
+        raise DataSourceError("no validation volumes given", hint=STACK_HINT)
+    stacks = []
+    for volume in volumes:
+        _check_depth(volume, depth)
+        centres = sorted(set(_evenly_spaced(len(volume), min(per_volume, len(volume)))))
+        stacks += [volume_stack(volume, depth, centre) for centre in centres]
+    return stacks

@@ -1,0 +1,321 @@
+"""The adaptation families through the command line, as a user runs them.
+
+``samedge pipeline`` / ``export`` / ``predict`` on synthetic checkpoints in each upstream layout
+(``upstream_layouts``; tiny ViT, image 128): SAMed (2-D, prompt-free semantic), MA-SAM (depth,
+semantic) and Med-SA 3D (depth, point prompts). Label maps written by ``predict`` are compared
+with the FP32 PyTorch model's argmax on the stack the CLI should have picked, so a wrong centre
+slice, window or point order fails here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+import upstream_layouts as ul  # tests/ is on sys.path (pytest's default rootdir-relative import)
+from PIL import Image
+from pydicom.uid import generate_uid
+
+from samedge.calibration.sources import (
+    bundled_slices,
+    bundled_volume,
+    load_image,
+    read_dicom_series,
+    read_nifti,
+)
+from samedge.cli import main
+from samedge.models import build_model
+from samedge.models.masam import MASAM_CT_WINDOW
+from samedge.models.reference import TorchReference
+from samedge.models.samed import SAMED_CT_WINDOW
+from samedge.runtime import Predictor
+
+SMALL = replace(ul.TINY, depth=3)  # width 64, 2 heads, block 2 global; SAM base at 256
+MASAM_DEPTH, MEDSA_DEPTH = 3, 4
+AGREEMENT = 0.999
+
+
+def _audible(state: dict, gain: float = 50.0) -> dict:
+    """Scale the hypernetwork heads so random decoders give O(1) logits and real label maps."""
+    head = re.compile(r"mask_decoder\.output_hypernetworks_mlps\.\d+\.layers\.2\.")
+    return {k: v * gain if head.match(k) else v for k, v in state.items()}
+
+
+def _run(*argv: str) -> tuple[int, str, str]:
+    """``samedge ARGV`` in-process: exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["--quiet", "--threads", "2", *map(str, argv)])
+    return code, out.getvalue(), err.getvalue()
+
+
+def _dicom(name: str) -> Path:
+    return next(s for s in bundled_slices() if s.name == name).source
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("family_ckpt")
+    files = {
+        "base": ul.sam_base(SMALL),
+        "samed": _audible(ul.samed_file(SMALL, image_size=128)),
+        "masam": _audible(ul.masam_file(SMALL, image_size=128)),
+        "medsa3d": ul.medsa_checkpoint(_audible(ul.medsa_state(SMALL, rel="rel_pos",
+                                                               rel_values="random"))),
+    }
+    for name, obj in files.items():
+        torch.save(obj, d / f"{name}.pth")
+    return {name: d / f"{name}.pth" for name in files}
+
+
+@pytest.fixture(scope="module")
+def ct_series(tmp_path_factory) -> Path:
+    """A 6-slice CT series (CT_small.dcm shifted per slice), files named against their order."""
+    folder = tmp_path_factory.mktemp("ct_series")
+    template = pydicom.dcmread(_dicom("CT_small.dcm"))
+    series_uid = generate_uid()
+    for i in range(6):
+        ds = copy.deepcopy(template)
+        pixels = np.roll(template.pixel_array, 6 * i, axis=1)
+        ds.PixelData = pixels.astype(template.pixel_array.dtype).tobytes()
+        x, y, z = (float(v) for v in template.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, z + 5.0 * i]
+        ds.InstanceNumber = i + 1
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, generate_uid()
+        ds.save_as(folder / f"im{5 - i:02d}.dcm")  # alphabetical order != anatomical order
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory, ckpt) -> dict[str, tuple[Path, str]]:
+    """``samedge pipeline`` once per family: bundle folder and printed report."""
+    out = tmp_path_factory.mktemp("family_cli")
+    nifti = bundled_volume().source
+    runs = {
+        "samed": ["--family", "samed", "--base", ckpt["base"], "--checkpoint", ckpt["samed"],
+                  "--image-size", "128", "--backends", "onnxruntime",
+                  "--validation-data", _dicom("CT_small.dcm"), _dicom("MR_small.dcm")],
+        "masam": ["--family", "masam", "--base", ckpt["base"], "--checkpoint", ckpt["masam"],
+                  "--image-size", "128", "--depth", MASAM_DEPTH, "--scale", "0.5",
+                  "--validation-data", nifti],
+        "medsa3d": ["--family", "medsa", "--checkpoint", ckpt["medsa3d"], "--depth", MEDSA_DEPTH,
+                    "--backends", "onnxruntime"],
+    }
+    results = {}
+    for name, args in runs.items():
+        code, stdout, stderr = _run("pipeline", *args, "-o", out / name)
+        assert code == 0, (name, stderr)
+        results[name] = (out / name, stdout)
+    return results
+
+
+def _manifest(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def _validation(bundle: Path, backend: str = "onnxruntime") -> dict:
+    fmt = "onnx" if backend == "onnxruntime" else "openvino_ir"
+    encoder = next(a for a in _manifest(bundle)["artifacts"] if a["graph"] == "encoder"
+                   and a["format"] == fmt and a["precision"] == "fp32")
+    return encoder["validation"][backend]
+
+
+# -- pipeline ------------------------------------------------------------------------------------
+def test_pipeline_samed_reports_label_agreement(pipelines):
+    bundle, report = pipelines["samed"]
+    assert _manifest(bundle)["model"]["decoder"] == "semantic"
+    validation = _validation(bundle)
+    assert validation["slices"] == 2  # the two --validation-data slices
+    assert validation["pixel_agreement_min"] >= AGREEMENT
+    assert len(validation["class_dice_mean"]) > 1  # the label maps are not uniform
+    assert "label maps (argmax) on 2 real slices" in report and "labels = PyTorch" in report
+    assert re.search(r"onnxruntime .* fp32 .* ms .* ms \(1 sl\.\) .* 100\.000 %", report)
+
+
+def test_pipeline_masam_runs_on_stacks_of_a_volume(pipelines):
+    bundle, report = pipelines["masam"]
+    manifest = _manifest(bundle)
+    assert manifest["model"]["depth"] == MASAM_DEPTH
+    assert manifest["model"]["checkpoint"]["scale"] == 0.5  # --scale reached the loader
+    assert manifest["graphs"]["encoder"]["inputs"][0]["shape"][0] == MASAM_DEPTH
+    for backend in ("onnxruntime", "openvino"):
+        validation = _validation(bundle, backend)
+        stacks = validation["stacks"]
+        assert len(stacks) == 2 and all(len(s) == MASAM_DEPTH for s in stacks)
+        z = [[int(re.search(r"z=(\d+)", n).group(1)) for n in s] for s in stacks]
+        assert all(np.diff(s).tolist() == [1] * (MASAM_DEPTH - 1) for s in z)  # adjacent
+        assert validation["slices"] == 2 * MASAM_DEPTH
+        assert validation["pixel_agreement_min"] >= AGREEMENT
+    assert "on 2 real stacks of 3 adjacent slices" in report
+    assert "(3 sl.)" in report and "encoder / stack" in report
+    assert len(re.findall(r"openvino", report)) >= 2  # fp32 and fp16 rows
+
+
+def test_pipeline_medsa_3d_decodes_prompts_on_stacks(pipelines):
+    bundle, report = pipelines["medsa3d"]
+    validation = _validation(bundle)
+    assert len(validation["stacks"]) == 3 and validation["dice_min"] >= 0.99
+    assert "stacks of 4 adjacent slices (5 boxes + 5 clicks on each stack's centre" in report
+    assert re.search(r"onnxruntime .* fp32 .* ms .* ms .* ms .* 1\.0000", report)
+
+
+# -- export --------------------------------------------------------------------------------------
+def test_export_masam_validates_on_a_dicom_series(ckpt, ct_series, tmp_path):
+    out = tmp_path / "masam"
+    code, _, err = _run("export", "--family", "masam", "--base", ckpt["base"], "--checkpoint",
+                        ckpt["masam"], "--image-size", "128", "--depth", MASAM_DEPTH,
+                        "--backends", "onnxruntime", "--validation-data", ct_series, "-o", out)
+    assert code == 0, err
+    stacks = _manifest(out)["validation_inputs"]
+    order = [f"im{5 - i:02d}.dcm" for i in range(6)]  # anatomical order of the files
+    assert [len(s) for s in stacks] == [MASAM_DEPTH] * 2
+    for stack in stacks:
+        positions = [order.index(name) for name in stack]
+        assert np.diff(positions).tolist() == [1] * (MASAM_DEPTH - 1), stack
+
+
+def test_export_medsa_3d_groups_dicom_files_into_their_series(ckpt, ct_series, tmp_path):
+    files = sorted(ct_series.glob("*.dcm"))  # scans/*.dcm, as a shell passes them
+    code, _, err = _run("export", "--family", "medsa", "--checkpoint", ckpt["medsa3d"],
+                        "--depth", MEDSA_DEPTH, "--backends", "onnxruntime",
+                        "--validation-data", *files, "-o", tmp_path / "m")
+    assert code == 0, err
+    assert [len(s) for s in _manifest(tmp_path / "m")["validation_inputs"]] == [MEDSA_DEPTH] * 2
+
+
+def test_export_samed_keeps_working_on_the_default_slices(ckpt, tmp_path):
+    code, out, err = _run("export", "--family", "samed", "--base", ckpt["base"], "--checkpoint",
+                          ckpt["samed"], "--image-size", "128", "--backends", "onnxruntime",
+                          "-o", tmp_path / "s")
+    assert code == 0, err
+    assert (tmp_path / "s" / "decoder.onnx").is_file() and "class_logits" in out
+
+
+@pytest.mark.parametrize("data, message", [
+    ("single", "single 2-D image"),
+    ("short", "has 2 slice(s); this model's encoder takes a stack of 3"),
+])
+def test_depth_validation_data_must_be_volumes(ckpt, tmp_path, data, message):
+    path = _dicom("CT_small.dcm") if data == "single" else _short_nifti(tmp_path, 2)
+    code, _, err = _run("export", "--family", "masam", "--base", ckpt["base"], "--checkpoint",
+                        ckpt["masam"], "--image-size", "128", "--depth", MASAM_DEPTH,
+                        "--validation-data", path, "-o", tmp_path / "b")
+    assert code == 2 and message in " ".join(err.split())
+    assert not (tmp_path / "b").exists()
+
+
+def test_scale_is_refused_by_families_without_fact(ckpt):
+    code, _, err = _run("export", "--family", "samed", "--base", ckpt["base"], "--checkpoint",
+                        ckpt["samed"], "--scale", "2")
+    assert code == 2 and "does not take scale" in err
+
+
+# -- predict -------------------------------------------------------------------------------------
+def _short_nifti(folder: Path, slices: int) -> Path:
+    data = np.asarray(nib.load(bundled_volume().source).dataobj)  # (128, 96, 24, 2)
+    path = folder / f"short{slices}.nii.gz"
+    nib.save(nib.Nifti1Image(data[..., :slices, 0].astype(np.float32), np.eye(4)), path)
+    return path
+
+
+def _png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture(scope="module")
+def masam_card(ckpt):
+    return build_model("masam", base=ckpt["base"], checkpoint=ckpt["masam"], image_size=128,
+                       depth=MASAM_DEPTH, scale=0.5)
+
+
+def test_predict_samed_writes_the_label_map_in_its_ct_window(pipelines, tmp_path):
+    bundle, _ = pipelines["samed"]
+    ct = _dicom("CT_small.dcm")
+    code, out, err = _run("predict", bundle, ct, "-o", tmp_path / "seg")
+    assert code == 0, err
+    labels, overlay = _png(tmp_path / "seg.png"), _png(tmp_path / "seg_overlay.png")
+    assert labels.shape == (128, 128) and overlay.shape == (128, 128, 3)
+    assert set(np.unique(labels)) <= {0, 1, 2, 3} and np.unique(labels).size > 1
+    assert "[-125, 275] HU" in out and "4 classes" in out
+    predictor = Predictor(bundle, threads=2)
+    predictor.set_image(load_image(ct, window=SAMED_CT_WINDOW).image)
+    assert (labels == predictor.segment().labels[0]).all()
+    predictor.set_image(load_image(ct).image)  # the abdomen default would give another map
+    assert (labels != predictor.segment().labels[0]).any()
+
+
+def test_predict_masam_labels_the_centre_of_the_chosen_stack(pipelines, masam_card, tmp_path):
+    bundle, _ = pipelines["masam"]
+    nifti = bundled_volume().source
+    code, out, err = _run("predict", bundle, nifti, "--slice", "7", "-o", tmp_path / "m")
+    assert code == 0, err
+    labels = _png(tmp_path / "m.png")
+    assert labels.shape == (96, 128) and "z=7" in out
+    reference = TorchReference(masam_card)
+    reference.set_volume([s.image for s in read_nifti(nifti).stack(7, MASAM_DEPTH)])
+    want = reference.segment()["labels"][MASAM_DEPTH // 2]
+    assert (labels == want).mean() >= AGREEMENT
+    assert np.unique(want).size > 1 and set(np.unique(labels)) <= set(range(5))
+
+
+def test_predict_masam_on_a_dicom_series_uses_its_ct_window(pipelines, ct_series, tmp_path):
+    bundle, _ = pipelines["masam"]
+    code, out, err = _run("predict", bundle, ct_series, "--slice", "0", "-o", tmp_path / "m")
+    assert code == 0, err
+    assert "[-200, 250] HU" in out
+    predictor = Predictor(bundle, threads=2)
+    volume = read_dicom_series(ct_series, window=MASAM_CT_WINDOW)
+    predictor.set_volume([s.image for s in volume.stack(0, MASAM_DEPTH)])  # edge replicated
+    assert (_png(tmp_path / "m.png") == predictor.segment().labels[MASAM_DEPTH // 2]).all()
+
+
+def test_predict_medsa_3d_reads_points_as_x_y(pipelines, tmp_path):
+    """Med-SA 3D reads clicks as (row, col); ``--point x,y`` is image x, y and is swapped."""
+    bundle, _ = pipelines["medsa3d"]
+    nifti = bundled_volume().source
+    code, out, err = _run("predict", bundle, nifti, "--point", "90,30", "-o", tmp_path / "p")
+    assert code == 0, err
+    mask = _png(tmp_path / "p.png")
+    assert mask.shape == (96, 128) and set(np.unique(mask)) <= {0, 255}
+    predictor = Predictor(bundle, threads=2)
+    predictor.set_volume([s.image for s in read_nifti(nifti).stack(12, MEDSA_DEPTH)])
+    want = predictor.predict(point_coords=[[30, 90]], point_labels=[1], multimask_output=False)
+    assert ((mask > 0) == want.masks[0]).all()
+    swapped = predictor.predict(point_coords=[[90, 30]], point_labels=[1], multimask_output=False)
+    assert (want.masks[0] != swapped.masks[0]).any()  # the order matters on this model
+
+
+@pytest.mark.parametrize("family, args, message", [
+    ("samed", ["--box", "10,10,60,60"], "samed is prompt-free"),
+    ("masam", ["--point", "10,10"], "masam is prompt-free"),
+    ("medsa3d", [], "empty prompt"),
+    ("masam", ["--image", "single"], "single 2-D image"),
+    ("medsa3d", ["--image", "single", "--point", "5,5"], "single 2-D image"),
+    ("masam", ["--image", "short"], "has 2 slice(s); this model's encoder takes a stack of 3"),
+    ("medsa3d", ["--image", "short", "--point", "5,5"], "has 3 slice(s); this model's encoder "
+                                                        "takes a stack of 4"),
+    ("masam", ["--slice", "24"], "slice 24 out of range"),
+])
+def test_predict_family_errors(pipelines, tmp_path, family, args, message):
+    image = bundled_volume().source
+    if "--image" in args:
+        kind = args[args.index("--image") + 1]
+        args = [a for a in args if a not in ("--image", kind)]
+        if kind == "single":
+            image = _dicom("CT_small.dcm")
+        else:
+            image = _short_nifti(tmp_path, 2 if family == "masam" else 3)
+    code, _, err = _run("predict", pipelines[family][0], image, *args, "-o", tmp_path / "x")
+    assert code == 2
+    assert message in " ".join(err.split())
+    assert not list(tmp_path.glob("x*.png"))
