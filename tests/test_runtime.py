@@ -15,7 +15,12 @@ from samedge.errors import BundleError, PromptError
 from samedge.models.reference import TorchReference
 from samedge.runtime import Bundle, Predictor
 
-LOGIT_TOL = dict(atol=1e-4, rtol=1e-4)  # runtime low-res logits vs torch, float32
+# Runtime low-res logits vs torch, float32, end to end. Each graph alone is held to 1e-4 at
+# export (measured: embeddings 4e-6, decoder logits 4.4e-5); chained, the encoder's error passes
+# through the decoder as well, and the worst pixel over 9 real slices x 5 boxes measured
+# 1.03e-4 to 1.06e-4 between runs (ONNX Runtime thread scheduling). 2e-4 keeps the check
+# meaningful (a wrong transform or a dropped bias moves logits by >1e-2) without sitting on it.
+LOGIT_TOL = dict(atol=2e-4, rtol=1e-4)
 
 
 def dice(a, b):
