@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from samedge.calibration.prompts import auto_boxes
-from samedge.export.onnx import GraphSpec, PromptDecoder, Tolerance
+from samedge.export.onnx import GraphSpec, PromptDecoder, decoder_spec
 from samedge.models.card import ModelCard
 from samedge.runtime.transforms import preprocess, transform_boxes
 
@@ -42,20 +42,8 @@ class MedSAPromptDecoder(nn.Module):
 
 
 def medsa_decoder_spec(card: ModelCard) -> GraphSpec:
-    emb, m = card.embedding_shape, card.preprocessing.mask_size
-    n = int(card.model.mask_decoder.num_multimask_outputs)
-    return GraphSpec(
-        "decoder",
-        inputs={
-            "image_embeddings": (1, *emb),
-            "point_coords": ("prompts", "points", 2),
-            "point_labels": ("prompts", "points"),
-            "mask_input": ("prompts", 1, m, m),
-            "has_mask_input": ("prompts",),
-        },
-        outputs={"low_res_masks": ("prompts", n, m, m), "iou_predictions": ("prompts", n)},
-        tolerances={name: Tolerance(atol=1e-4) for name in ("low_res_masks", "iou_predictions")},
-    )
+    """The standard decoder contract with Med-SA's mask count (tokens chosen in the graph)."""
+    return decoder_spec(card, int(card.model.mask_decoder.num_multimask_outputs))
 
 
 def click_cases(card: ModelCard, embeddings: Sequence[np.ndarray],

@@ -178,8 +178,11 @@ class PromptDecoder(nn.Module):
         return masks, decoder.iou_prediction_head(iou_out)
 
 
-def decoder_spec(card: ModelCard) -> GraphSpec:
-    emb, m, k = card.embedding_shape, card.preprocessing.mask_size, card.num_mask_tokens
+def decoder_spec(card: ModelCard, outputs: int | None = None) -> GraphSpec:
+    """The prompt decoder's contract; ``outputs`` overrides the mask count K for decoders that
+    select their tokens inside the graph (Med-SA's single-token output)."""
+    emb, m = card.embedding_shape, card.preprocessing.mask_size
+    k = outputs or card.num_mask_tokens
     return GraphSpec(
         "decoder",
         inputs={
