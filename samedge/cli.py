@@ -82,8 +82,9 @@ def print_quantization(quantization) -> None:
     """The pipeline's precision step: one row per OpenVINO variant with its gate result."""
     table = Table(title="OpenVINO variants vs FP32 PyTorch, gated (latency: interleaved rounds on "
                         "the largest slice)")
+    semantic = quantization.manifest.get("model", {}).get("decoder") == "semantic"
     for column in ("variant", "Dice mean", "Dice worst", "gate", "in bundle", "encoder",
-                   "decoder / box"):
+                   "decoder / call" if semantic else "decoder / box"):
         table.add_column(column, justify="left" if column in ("variant", "gate") else "right",
                          no_wrap=column == "variant")
     for row in quantization.rows:
@@ -95,7 +96,7 @@ def print_quantization(quantization) -> None:
                       .replace("reference", "—"),
                       "yes" if row.in_bundle else "no",
                       f"{row.encoder_s * 1e3:.0f} ms" if row.encoder_s else "—",
-                      f"{row.box_s * 1e3:.1f} ms" if row.box_s else "—")
+                      f"{row.decoder_s * 1e3:.1f} ms" if row.decoder_s else "—")
     console.print(table)
     for message in quantization.messages:
         console.print(f"• {escape(message)}")
@@ -227,6 +228,14 @@ def cmd_predict(args, steps) -> int:
     predictor = Predictor(args.bundle, backend=args.backend, precision=args.precision,
                           threads=args.threads)
     family = predictor.bundle.model.get("family", "this model")
+    variant = f"{predictor.backend} {predictor.precision}" + (
+        f" (decoder {predictor.decoder_precision})"
+        if predictor.decoder_precision != predictor.precision else "")
+    default = predictor.bundle.manifest.get("default_variant") or {}
+    chosen = ("as asked" if args.backend or args.precision else
+              "the bundle's default variant" if (default.get("backend"), default.get("precision"))
+              == (predictor.backend, predictor.precision) else "FP32 on an installed backend")
+    console.print(escape(f"running {variant}, {chosen}"))
     boxes = [_parse_numbers(b, (4,), "box") for b in args.box]
     points = [_parse_numbers(p, (2, 3), "point") for p in args.point]
     if predictor.semantic and (boxes or points):
@@ -412,6 +421,8 @@ def build_table(result) -> Table:
         summary = candidate.drift.summary() if candidate.drift else {}
         if candidate.error:
             verdict = f"[red]not built[/]: {escape(candidate.error)}"
+        elif candidate.held_back:
+            verdict = f"[green]pass[/] alone → kept out: {escape(candidate.held_back)}"
         else:
             verdict = _verdict(candidate.gate.to_dict() if candidate.gate else None)
             added = any(candidate is c for c in result.added)
@@ -432,6 +443,7 @@ def cmd_build(args, steps) -> int:
         require_tensorrt,
     )
     from samedge.calibration.calibset import PromptPolicy, load_slices
+    from samedge.calibration.sources import read_stacks
     from samedge.runtime.bundle import Bundle
 
     graphs = _parse_graphs(args.graphs)
@@ -446,7 +458,11 @@ def cmd_build(args, steps) -> int:
                       f"calibrating on {calibration.count} bundled real slices held out from "
                       "validation")
     validation = None
-    if args.validation_data:
+    depth = int(bundle.model.get("depth", 1))
+    if args.validation_data and depth > 1:  # volumes: stacks of D adjacent slices
+        validation = read_stacks(args.validation_data, depth,
+                                 window=normalize_window(args.window))
+    elif args.validation_data:
         validation = load_slices(args.validation_data, args.count,
                                  normalize_window(args.window))
     options = _prompt_options(args.prompts)
@@ -490,7 +506,8 @@ def validation_table(result, title: str) -> Table:
         worst = entry.get("worst") or [{}]
         where = f"{worst[0].get('slice', '')} {worst[0].get('prompt', '')}".strip()
         table.add_row(label, str(entry["prompts"]), f"{entry['dice_mean']:.4f}",
-                      f"{entry['dice_min']:.4f}", escape(where), f"{entry['iou_mean']:.4f}",
+                      f"{entry['dice_min']:.4f}", escape(where),
+                      f"{entry['iou_mean']:.4f}" if "iou_mean" in entry else "—",
                       f"{entry['embedding_cosine_min']:.5f}", _verdict(entry.get("gate")))
     return table
 
@@ -638,8 +655,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default=None,
                    help="modality of files that do not record it (NIfTI: MR by default; CT "
                         "windows it in HU)")
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime or openvino")
-    p.add_argument("--precision", default="fp32")
+    p.add_argument("--backend", default=None,
+                   help="onnxruntime or openvino (default: the bundle's default variant, "
+                        "recorded by `samedge pipeline`, else the first installed)")
+    p.add_argument("--precision", default=None,
+                   help="fp32, fp16 or int8 (default: the bundle's default variant, else fp32)")
     p.add_argument("-o", "--out", type=Path, default=Path("mask"),
                    help="output prefix: writes PREFIX.png (mask, or the class index per "
                         "pixel for semantic models) and PREFIX_overlay.png")

@@ -75,7 +75,7 @@ class PipelineResult:
     latency: dict[tuple[str, str], Latency] = field(default_factory=dict)
     stacks: int = 0
     depth: int = 1
-    # PipelineQuantization: FP16 gate, INT8 variants, default variant (OpenVINO prompt models)
+    # PipelineQuantization: FP16 gate, INT8 variants, default variant (OpenVINO, every family)
     quantization: object | None = None
 
 
@@ -176,12 +176,13 @@ def run_pipeline(
                 }
     write_json_atomic(out / MANIFEST_NAME, manifest)
     quantization = None
-    if "openvino" in backends and card.decoder == "prompt" and depth == 1:
+    if "openvino" in backends:
         # gate FP16, add INT8 only where it passes, record the fastest passing variant
         from samedge.calibration.build import quantize_for_pipeline
 
-        quantization = quantize_for_pipeline(out, card, slices, threads=threads, steps=steps,
-                                             measured=drift, int8=int8)
+        quantization = quantize_for_pipeline(out, card, stacks if depth > 1 else slices,
+                                             threads=threads, steps=steps, measured=drift,
+                                             int8=int8)
         manifest = quantization.manifest
     return PipelineResult(out, manifest, len(slices) * depth, drift, latency,
                           stacks=len(stacks) if depth > 1 else 0, depth=depth,

@@ -14,6 +14,7 @@ import copy
 import io
 import json
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -257,10 +258,11 @@ def test_predict_samed_writes_the_label_map_in_its_ct_window(pipelines, tmp_path
 def test_predict_masam_labels_the_centre_of_the_chosen_stack(pipelines, masam_card, tmp_path):
     bundle, _ = pipelines["masam"]
     nifti = bundled_volume().source
-    code, out, err = _run("predict", bundle, nifti, "--slice", "7", "-o", tmp_path / "m")
+    code, out, err = _run("predict", bundle, nifti, "--slice", "7", "--precision", "fp32",
+                          "-o", tmp_path / "m")  # the pipeline's default may be INT8
     assert code == 0, err
     labels = _png(tmp_path / "m.png")
-    assert labels.shape == (96, 128) and "z=7" in out
+    assert labels.shape == (96, 128) and "z=7" in out and "fp32, as asked" in out
     reference = TorchReference(masam_card)
     reference.set_volume([s.image for s in read_nifti(nifti).stack(7, MASAM_DEPTH)])
     want = reference.segment()["labels"][MASAM_DEPTH // 2]
@@ -272,8 +274,8 @@ def test_predict_masam_on_a_dicom_series_uses_its_ct_window(pipelines, ct_series
     bundle, _ = pipelines["masam"]
     code, out, err = _run("predict", bundle, ct_series, "--slice", "0", "-o", tmp_path / "m")
     assert code == 0, err
-    assert "[-200, 250] HU" in out
-    predictor = Predictor(bundle, threads=2)
+    assert "[-200, 250] HU" in out and "the bundle's default variant" in out
+    predictor = Predictor(bundle, threads=2)  # the same default variant
     volume = read_dicom_series(ct_series, window=MASAM_CT_WINDOW)
     predictor.set_volume([s.image for s in volume.stack(0, MASAM_DEPTH)])  # edge replicated
     assert (_png(tmp_path / "m.png") == predictor.segment().labels[MASAM_DEPTH // 2]).all()
@@ -319,3 +321,91 @@ def test_predict_family_errors(pipelines, tmp_path, family, args, message):
     assert code == 2
     assert message in " ".join(err.split())
     assert not list(tmp_path.glob("x*.png"))
+
+
+# -- INT8 / FP16 for the families: pipeline, build, validate ---------------------------------------
+def _artifacts(bundle: Path, precision: str) -> list[dict]:
+    return [a for a in _manifest(bundle)["artifacts"] if a["precision"] == precision]
+
+
+def test_pipeline_masam_adds_only_gate_passing_int8(pipelines):
+    """The pipeline's precision step on a semantic depth model: INT8 encoder and decoder are
+    calibrated on stacks, measured on label maps against FP32 PyTorch, and kept only if they pass;
+    the fastest passing variant becomes the bundle's default."""
+    bundle, report = pipelines["masam"]
+    manifest = _manifest(bundle)
+    build = next(b for b in manifest["builds"] if b.get("precision") == "int8")
+    assert sorted(build["added"] + [r["variant"] for r in build["rejected"]]) == \
+        ["decoder openvino_ir int8", "encoder openvino_ir int8"]
+    for artifact in _artifacts(bundle, "int8"):
+        entry = artifact["validation"]["openvino"]
+        gate = entry["gate"]
+        assert gate["passed"] and entry["dice_mean"] >= 1 - gate["max_mean_dice_drop"]
+        assert entry["dice_min"] >= gate["min_worst_dice"]
+        assert entry["slices"] == [" | ".join(s) for s in _validation(bundle)["stacks"]]
+        assert {"pixel_agreement_mean", "class_dice_min"} <= set(entry)
+        assert all(p["prompt"].startswith("class ") for p in entry["per_prompt"])
+    default = manifest["default_variant"]
+    assert default["backend"] == "openvino" and default["timed"]
+    assert "default variant: openvino" in report and "one segment() call" in report
+
+
+def test_build_and_validate_a_semantic_bundle(pipelines, tmp_path):
+    """``samedge build`` rebuilds SAMed's FP32 model from the manifest (no card), adds Q/DQ INT8
+    graphs only where they pass, never an INT8 pair that fails together; ``validate`` then passes
+    on the same data and fails under a gate no quantized model can meet."""
+    bundle = tmp_path / "samed"
+    shutil.copytree(pipelines["samed"][0], bundle)
+    code, out, err = _run("build", bundle, "--backend", "onnxruntime", "--precision", "int8",
+                          "--no-layer-errors")
+    assert code in (0, 1), err
+    added = _artifacts(bundle, "int8")
+    assert added and all(a["format"] == "onnx" and a["validation"]["onnxruntime"]["gate"]
+                         ["passed"] for a in added)
+    code, out, err = _run("validate", bundle, "--report", tmp_path / "report")
+    assert code == 0, out + err
+    assert (tmp_path / "report" / "report.html").is_file()
+    graphs = {a["graph"] for a in added}
+    label = {frozenset({"encoder", "decoder"}): "onnxruntime int8",
+             frozenset({"encoder"}): "onnxruntime encoder int8 + decoder fp32",
+             frozenset({"decoder"}): "onnxruntime encoder fp32 + decoder int8"}[frozenset(graphs)]
+    assert label in " ".join(out.split())
+    code, _, err = _run("validate", bundle, "--max-dice-drop", "0", "--min-worst-dice", "1",
+                        "--report", tmp_path / "strict")
+    assert code == 1 and "drifted beyond the gate" in err
+
+
+def test_build_int8_encoder_of_a_depth_prompt_model(pipelines, tmp_path):
+    """Med-SA 3D: the INT8 encoder is calibrated on stacks of D adjacent slices and measured on
+    boxes and (row, col) clicks at each stack's centre; OpenVINO runs it beside the bundle's FP32
+    ONNX decoder, and ``validate`` on a volume measures that pair."""
+    bundle = tmp_path / "medsa3d"
+    shutil.copytree(pipelines["medsa3d"][0], bundle)
+    code, _, err = _run("build", bundle, "--backend", "openvino", "--precision", "int8",
+                        "--graphs", "encoder", "--no-layer-errors", "--max-dice-drop", "0.05",
+                        "--min-worst-dice", "0.8")
+    assert code == 0, err
+    (artifact,) = _artifacts(bundle, "int8")
+    assert artifact["quantization"]["calibration_inputs"] == 64
+    entry = artifact["validation"]["openvino"]
+    kinds = {p["prompt"].split()[0] for p in entry["per_prompt"]}
+    assert kinds == {"box", "click"}
+    code, out, err = _run("validate", bundle, "--data", bundled_volume().source,
+                          "--max-dice-drop", "0.05", "--min-worst-dice", "0.8")
+    assert code == 0, err
+    assert "openvino encoder int8 + decoder fp32" in " ".join(out.split())
+
+
+def test_build_refuses_a_changed_checkpoint(pipelines, ckpt, tmp_path):
+    """Drift is measured against the model the bundle was exported from, or not at all."""
+    bundle = tmp_path / "samed"
+    shutil.copytree(pipelines["samed"][0], bundle)
+    changed = tmp_path / "samed.pth"
+    state = torch.load(ckpt["samed"], weights_only=True)
+    torch.save({k: v + 1e-3 if v.is_floating_point() else v for k, v in state.items()}, changed)
+    manifest = _manifest(bundle)
+    manifest["model"]["checkpoint"]["path"] = str(changed)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = _run("build", bundle, "--backend", "onnxruntime", "--precision", "fp16")
+    assert code == 2 and "changed since the bundle was exported" in " ".join(err.split())
+    assert not _artifacts(bundle, "fp16")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -456,3 +457,47 @@ def test_pipeline_precision_step_gates_fp16_and_keeps_fp32_default(bundle_copy, 
     assert (default["backend"], default["precision"], default["decoder_precision"]) == (
         "openvino", "fp32", "fp32")
     assert SPEED_MARGIN > 0 and "openvino fp32" in default["timed"]
+
+
+def test_depth_calibration_feeds_real_adjacent_stacks():
+    """A depth model is calibrated on D adjacent slices of each volume (what its Conv3d/depth
+    attention sees at run time), not on one slice repeated D times; augmented repeats flip and
+    scale a whole stack alike."""
+    from samedge.calibration.sources import bundled_volume
+    from samedge.runtime.transforms import preprocess
+
+    volume = bundled_volume()
+    calib = CalibrationSet([volume.source], count=4, augment=False)
+    stacks = list(calib.iter_items(3))
+    assert all(len(s) == 3 for s in stacks)
+    for stack in stacks:
+        z = [int(s.name.split("z=")[1].rstrip("]")) for s in stack]
+        assert np.diff(z).tolist() in ([1, 1], [0, 1], [1, 0])  # ends replicated
+    feed = next(iter(calib.encoder_inputs(PRE, depth=3)))["image"]
+    assert feed.shape == (3, 3, PRE.image_size, PRE.image_size)
+    assert not np.allclose(feed[0], feed[1])
+    np.testing.assert_array_equal(feed[1:2], preprocess(stacks[0][1].image, PRE)[0])
+    def flipped(got: np.ndarray, original: np.ndarray) -> bool:
+        same = np.corrcoef(got.ravel(), original.ravel())[0, 1]
+        mirrored = np.corrcoef(got.ravel(), original[:, ::-1].ravel())[0, 1]
+        return bool(mirrored > same)
+
+    augmented = list(CalibrationSet(slices=[stacks[0]], count=6, augment=True).iter_items(3))[1:]
+    verdicts = []
+    for stack in augmented:
+        flips = {flipped(a.image.astype(float), b.image.astype(float))
+                 for a, b in zip(stack, stacks[0])}
+        assert len(flips) == 1  # one draw for the whole stack
+        verdicts += flips
+    assert set(verdicts) == {True, False}  # and the draws differ between stacks
+
+
+def test_clicks_reach_row_col_models_swapped():
+    """Med-SA's legacy and 3-D models read clicks as (row, col): validation and decoder
+    calibration put each click at its box's centre in that order."""
+    from samedge.calibration.drift import PromptSet
+
+    prompt = PromptSet(boxes=np.float32([[10, 20, 30, 60]]), clicks=np.float32([[[20, 40]]]))
+    np.testing.assert_array_equal(prompt.model_clicks(replace(PRE, point_order="yx")),
+                                  [[[40, 20]]])
+    np.testing.assert_array_equal(prompt.model_clicks(PRE), [[[20, 40]]])

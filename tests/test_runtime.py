@@ -147,3 +147,25 @@ def test_runtime_imports_and_predicts_without_torch(litemedsam_bundle):
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "ok"
+
+
+def test_predictor_follows_the_bundles_default_variant(bundle_copy, monkeypatch):
+    """A bedside caller that names no backend runs what the pipeline chose (the fastest variant
+    that passed its gate); an explicit choice wins, and a default whose backend is not installed
+    falls back to FP32 on one that is."""
+    from samedge.runtime import predictor as module
+
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["default_variant"] = {"backend": "openvino", "precision": "fp16",
+                                   "decoder_precision": "fp32"}
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    chosen = Predictor(bundle_copy)
+    assert (chosen.backend, chosen.precision, chosen.decoder_precision) == \
+        ("openvino", "fp16", "fp32")
+    assert chosen.encoder.name == "openvino"
+    assert Predictor(bundle_copy, precision="fp32").decoder_precision == "fp32"
+    explicit = Predictor(bundle_copy, backend="onnxruntime")
+    assert (explicit.backend, explicit.precision) == ("onnxruntime", "fp32")
+    monkeypatch.setattr(module, "installed", lambda backend: backend == "onnxruntime")
+    fallback = Predictor(bundle_copy)
+    assert (fallback.backend, fallback.precision) == ("onnxruntime", "fp32")

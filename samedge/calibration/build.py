@@ -28,13 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from samedge.calibration.calibset import CalibrationSet, Feeds, PromptPolicy, load_slices
-from samedge.calibration.drift import (
-    PromptSet,
-    ReferenceOutputs,
-    VariantDrift,
-    measure_variant,
-    reference_outputs,
-)
+from samedge.calibration.drift import Item, SemanticDrift, VariantDrift
 from samedge.calibration.gate import SEARCH_TARGET, Gate, GateResult, GateSet
 from samedge.calibration.quantize import (
     NncfConfig,
@@ -51,7 +45,8 @@ from samedge.calibration.quantize import (
     read_openvino,
     save_openvino,
 )
-from samedge.calibration.sources import Slice, bundled_slices
+from samedge.calibration.references import Measured, centre, references_for
+from samedge.calibration.sources import Slice, bundled_slices, bundled_stacks, read_stacks
 from samedge.calibration.windows import Window, parse_window
 from samedge.errors import BackendUnavailableError, DataSourceError, SamedgeError
 from samedge.export.bundle import BundleWriter, write_json_atomic
@@ -113,10 +108,22 @@ class Candidate:
     drift: VariantDrift | None = None
     gate: GateResult | None = None
     error: str | None = None
+    # passed its gate alone, kept out because the pair with the other graph's variant fails
+    held_back: str | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
         return self.graph, self.fmt, self.precision
+
+    @property
+    def kept(self) -> bool:
+        return self.gate is not None and self.gate.passed and not self.held_back
+
+    def why_out(self) -> str:
+        """Why a candidate stays out of the bundle: a tool error, the pair, or its gate."""
+        if self.error or self.held_back:
+            return self.error or self.held_back
+        return "; ".join(self.gate.reasons) if self.gate else "not measured"
 
     def label(self) -> str:
         return f"{self.graph} {self.fmt} {self.precision}"
@@ -143,8 +150,7 @@ class BuildResult:
             out.append(f"added {c.label()}: mean Dice {s.get('dice_mean', 0):.4f}, worst "
                        f"{s.get('dice_min', 0):.4f} — {c.gate.describe() if c.gate else ''}")
         for c in self.rejected:
-            why = c.error or (c.gate.describe() if c.gate else "not measured")
-            out.append(f"kept out {c.label()}: {why}")
+            out.append(f"kept out {c.label()}: {c.why_out()}")
         return out
 
 
@@ -165,27 +171,6 @@ def quiet_tools(quiet: bool):
             yield
     finally:
         logging.disable(previous)
-
-
-def _slice_prompts(slices: Sequence[Slice], policy: PromptPolicy) -> Callable:
-    """``reference_outputs`` asks for prompts by image; map images back to their slices."""
-    lookup = {id(s.image): s for s in slices}
-
-    def prompts(image: np.ndarray) -> PromptSet:
-        return policy.prompt_set(lookup[id(image)])
-
-    return prompts
-
-
-@dataclass
-class Measured:
-    slices: list[Slice]
-    references: list[tuple[ReferenceOutputs, PromptSet]]
-
-
-def references_for(card, slices: Sequence[Slice], policy: PromptPolicy, steps: Steps) -> Measured:
-    slices = list(slices)
-    return Measured(slices, reference_outputs(card, slices, _slice_prompts(slices, policy), steps))
 
 
 class _Memo:
@@ -236,17 +221,15 @@ class CandidateProbe:
         return open_backend("openvino", path, self.threads)
 
     def drift(self, model: Any, label: str = "candidate",
-              indices: Sequence[int] | None = None) -> VariantDrift:
-        """Drift of a candidate (model, or an opened backend) on the probe's slices."""
+              indices: Sequence[int] | None = None) -> VariantDrift | SemanticDrift:
+        """Drift of a candidate (model, or an opened backend) on the probe's items."""
         backend = model if hasattr(model, "run") else self.open(model)
         original = getattr(self.predictor, self.graph)
         setattr(self.predictor, self.graph, backend)
-        pick = range(len(self.measured.slices)) if indices is None else indices
+        measured = self.measured if indices is None else self.measured.subset(indices)
         try:
-            return measure_variant(self.bundle, backend.name, label,
-                                   [self.measured.slices[i] for i in pick],
-                                   [self.measured.references[i] for i in pick],
-                                   Steps(quiet=True), predictor=self.predictor)
+            return measured.measure(self.bundle, backend.name, predictor=self.predictor,
+                                    label=label)
         finally:
             setattr(self.predictor, self.graph, original)
 
@@ -311,29 +294,26 @@ def _rel_sq(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def encoder_proxy(probe: CandidateProbe, measured: Measured, count: int) -> Callable[[Any], float]:
-    """Mean squared relative embedding error vs FP32 PyTorch on ``count`` slices."""
-    from samedge.runtime.transforms import preprocess
-
-    pre = probe.bundle.preprocessing
-    pairs = [(preprocess(s.image, pre)[0], ref.embedding)
-             for s, (ref, _) in list(zip(measured.slices, measured.references))[:count]]
+    """Mean squared relative embedding error vs FP32 PyTorch on ``count`` items."""
+    pairs = measured.encoder_pairs(probe.bundle.preprocessing, count)
 
     def proxy(model: Any) -> float:
         run = quick_runner(model, probe.threads)
-        return float(np.mean([_rel_sq(run({"image": x})["image_embeddings"], want)
-                              for x, want in pairs]))
+        return float(np.mean([_rel_sq(run({"image": x})["image_embeddings"][part], want)
+                              for x, want, part in pairs]))
 
     return proxy
 
 
 def decoder_proxy(probe: CandidateProbe, feeds: list[dict], reference) -> Callable[[Any], float]:
-    """Mean squared relative error of the low-res mask logits vs the FP32 decoder."""
-    wants = [reference.run(f)["low_res_masks"] for f in feeds]
+    """Mean squared relative error of the decoder's logits (low-res masks, or a semantic
+    decoder's class logits: its first output) vs the FP32 decoder."""
+    name = reference.output_names[0]
+    wants = [reference.run(f)[name] for f in feeds]
 
     def proxy(model: Any) -> float:
         run = quick_runner(model, probe.threads)
-        return float(np.mean([_rel_sq(run(f)["low_res_masks"], want)
-                              for f, want in zip(feeds, wants)]))
+        return float(np.mean([_rel_sq(run(f)[name], want) for f, want in zip(feeds, wants)]))
 
     return proxy
 
@@ -341,16 +321,60 @@ def decoder_proxy(probe: CandidateProbe, feeds: list[dict], reference) -> Callab
 # -------------------------------------------------------------------------------------------------
 # Building one candidate
 # -------------------------------------------------------------------------------------------------
+def rebuild_options(model: dict) -> dict:
+    """Builder arguments that rebuild the bundle's FP32 model from its manifest record: the
+    checkpoint and frozen base it names, and the hyper-parameters no file stores (input size,
+    depth, MA-SAM's FacT scale, Med-SA's era)."""
+    from samedge.models.registry import FAMILIES
+    import inspect
+
+    record = model.get("checkpoint") or {}
+    wanted = {"checkpoint": record.get("path"), "base": record.get("base"),
+              "image_size": model.get("image_size"), "depth": model.get("depth"),
+              "scale": record.get("scale"), "era": record.get("era"),
+              "rank": record.get("rank")}
+    accepted = inspect.signature(FAMILIES[model["family"]]).parameters
+    options = {k: v for k, v in wanted.items() if k in accepted and v is not None}
+    if model["family"] in ("litemedsam", "sam", "medsam"):
+        options = {k: v for k, v in options.items() if k == "checkpoint"}
+    if model["family"] == "litemedsam" and "checkpoint" in options:
+        from samedge.models.litemedsam import default_checkpoint
+        from samedge.runtime.bundle import sha256_file
+
+        shipped = default_checkpoint()
+        if not Path(options["checkpoint"]).is_file() and record.get("sha256") == \
+                sha256_file(shipped):  # exported on another machine from the shipped weights
+            options["checkpoint"] = str(shipped)
+    return options
+
+
 def _card_for(bundle: Bundle, card=None):
     if card is not None:
         return card
     from samedge.models import build_model
 
     model = bundle.model
-    options = {}
-    checkpoint = (model.get("checkpoint") or {}).get("path")
-    if model["family"] != "litemedsam" and checkpoint:
-        options["checkpoint"] = checkpoint
+    options = rebuild_options(model)
+    if model["family"] == "sam" and "config" in (model.get("checkpoint") or {}) or \
+            model["family"] != "litemedsam" and "checkpoint" not in options:
+        raise SamedgeError("cannot rebuild the FP32 reference model for this bundle: it was "
+                           "exported from random or custom-configured weights",
+                           hint="pass the model in Python (card=...)")
+    missing = [str(v) for k, v in options.items() if k in ("checkpoint", "base")
+               and not Path(v).is_file()]
+    if missing:
+        raise SamedgeError(f"the FP32 reference model is rebuilt from {', '.join(missing)}, which "
+                           "is no longer there", hint="put the checkpoint back where the "
+                                                      "bundle was exported from")
+    from samedge.runtime.bundle import sha256_file
+
+    record = model.get("checkpoint") or {}
+    for key, digest in (("checkpoint", "sha256"), ("base", "base_sha256")):
+        if key in options and record.get(digest) and sha256_file(Path(options[key])) != \
+                record[digest]:
+            raise SamedgeError(f"{options[key]} changed since the bundle was exported (sha256 "
+                               "differs): drift against it would not describe this bundle",
+                               hint="restore the exported checkpoint, or export a new bundle")
     try:
         return build_model(model["family"], **options)
     except SamedgeError as exc:
@@ -360,14 +384,22 @@ def _card_for(bundle: Bundle, card=None):
 
 def _feeds_for(graph: str, calibration: CalibrationSet, bundle: Bundle, encoder_backend,
                policy: PromptPolicy) -> Feeds:
-    pre = bundle.preprocessing
+    pre, depth = bundle.preprocessing, int(bundle.model.get("depth", 1))
     if graph == "encoder":
-        return calibration.encoder_inputs(pre, int(bundle.model.get("depth", 1)))
+        return calibration.encoder_inputs(pre, depth)
 
     def encode(tensor: np.ndarray) -> np.ndarray:
         return encoder_backend.run({"image": tensor})["image_embeddings"]
 
-    return calibration.decoder_inputs(pre, encode, policy)
+    if bundle.model.get("decoder") == "semantic":
+        return calibration.semantic_decoder_inputs(pre, encode, depth)
+    return calibration.decoder_inputs(pre, encode, policy, depth=depth)
+
+
+def default_validation(bundle: Bundle) -> list[Item]:
+    """The bundled real slices, or for depth models three stacks of the bundled MR volume."""
+    depth = int(bundle.model.get("depth", 1))
+    return bundled_stacks(depth, count=3) if depth > 1 else bundled_slices()
 
 
 def _search(units, realize, probe: CandidateProbe, proxy, options: SearchOptions,
@@ -415,7 +447,7 @@ def _nncf_accuracy_control(float_model, feeds: Feeds, config: NncfConfig, probe:
     with steps.step("NNCF quantize_with_accuracy_control"):
         return nncf.quantize_with_accuracy_control(
             float_model, nncf.Dataset(feeds, lambda item: {n: item[n] for n in names}),
-            nncf.Dataset(list(range(len(probe.measured.slices)))), validation_fn,
+            nncf.Dataset(list(range(len(probe.measured.items)))), validation_fn,
             max_drop=1.0 - target.min_mean_dice, drop_type=nncf.DropType.ABSOLUTE,
             preset=arguments["preset"], model_type=arguments["model_type"],
             subset_size=arguments["subset_size"],
@@ -544,8 +576,9 @@ def build_variants(
 ) -> BuildResult:
     """Add ``precision`` variants for ``backend`` to the bundle; only gate-passing ones stay.
 
-    ``validation``: slices the gate is measured on (default: the bundled real slices, with
-    ``prompts`` — auto boxes, plus centre clicks for point-trained families).
+    ``validation``: slices (stacks of D adjacent slices for depth models) the gate is measured
+    on (default: the bundled real slices or stacks, with ``prompts`` — auto boxes, plus centre
+    clicks for point-trained families; semantic families need no prompt).
     """
     steps = steps or Steps(quiet=True)
     started = time.perf_counter()
@@ -571,7 +604,7 @@ def build_variants(
     nncf_config = nncf_config or NncfConfig()
     calibration = calibration or calibration_from_manifest(bundle.manifest)
     policy = prompts or PromptPolicy(clicks=bundle.model.get("prompt") == "points")
-    validation = list(validation) if validation is not None else bundled_slices()
+    validation = list(validation) if validation is not None else default_validation(bundle)
     fmt = TARGETS[backend][precision]
     measure_backend = run_backend(fmt)
     timings: dict[str, float] = {}
@@ -580,7 +613,8 @@ def build_variants(
         measured = references_for(card, validation, policy, Steps(quiet=True))
     tuning = measured
     if precision == "int8" and search.method != "none" and search.tune_on == "calibration":
-        tune_slices = [s for _, s in zip(range(search.tune_count), calibration.iter_slices())]
+        depth = int(bundle.model.get("depth", 1))
+        tune_slices = [s for _, s in zip(range(search.tune_count), calibration.iter_items(depth))]
         with steps.step(f"FP32 PyTorch reference on {len(tune_slices)} tuning slices"):
             tuning = references_for(card, tune_slices, policy, Steps(quiet=True))
 
@@ -643,9 +677,8 @@ def build_variants(
             dec = precision if candidate.graph == "decoder" else "fp32"
             keeper = WorstKeeper(candidate.label(), measured)
             with steps.step(f"drift of {candidate.label()} on {len(validation)} slices"):
-                candidate.drift = measure_variant(
-                    staged, measure_backend, enc, measured.slices, measured.references,
-                    Steps(quiet=True), threads, decoder_precision=dec, observe=keeper)
+                candidate.drift = measured.measure(staged, measure_backend, enc, dec, threads,
+                                                   observe=keeper)
             candidate.gate = gate.evaluate(candidate.drift.summary())
             worst_cases += keeper.cases()
             if layer_errors and precision == "int8":
@@ -656,13 +689,20 @@ def build_variants(
         passing = {c.graph for c in candidates if c.gate and c.gate.passed}
         if {"encoder", "decoder"} <= passing and len(graphs) == 2:
             with steps.step(f"drift of encoder+decoder {precision} together"):
-                drift = measure_variant(staged, measure_backend, precision, measured.slices,
-                                        measured.references, Steps(quiet=True), threads)
+                drift = measured.measure(staged, measure_backend, precision, threads=threads)
             combined = {"drift": drift, "gate": gate.evaluate(drift.summary())}
+            if not combined["gate"].passed:  # keep the graph that drifts less, in INT8 alone
+                pair = [c for c in candidates if c.graph in passing]
+                worse = min(pair, key=lambda c: (c.gate.dice_mean, c.gate.dice_min))
+                other = next(c for c in pair if c is not worse)
+                worse.held_back = (
+                    f"passes alone, but with the {precision} {other.graph} the pair drifts beyond "
+                    f"the gate ({'; '.join(combined['gate'].reasons)}); the {other.graph}, which "
+                    "drifts less, stays")
 
         added, rejected = [], []
         for candidate in candidates:
-            if candidate.gate is not None and candidate.gate.passed:
+            if candidate.kept:
                 added.append(candidate)
             else:
                 rejected.append(candidate)
@@ -670,7 +710,7 @@ def build_variants(
                     Path(file).unlink(missing_ok=True)
                 writer.artifacts = [a for a in writer.artifacts
                                     if (a["graph"], a["format"], a["precision"]) != candidate.key]
-        names = [s.name for s in measured.slices]
+        names = measured.names
         for artifact in writer.artifacts:
             for candidate in added:
                 if (artifact["graph"], artifact["format"], artifact["precision"]) == candidate.key:
@@ -688,9 +728,7 @@ def build_variants(
         fields["builds"].append({
             "backend": backend, "precision": precision, "graphs": list(graphs),
             "added": [c.label() for c in added],
-            "rejected": [{"variant": c.label(), "why": c.error or (c.gate.reasons if c.gate
-                                                                   else "not measured")}
-                         for c in rejected],
+            "rejected": [{"variant": c.label(), "why": c.why_out()} for c in rejected],
             "seconds": round(time.perf_counter() - started, 1),
         })
         manifest = writer.commit(fields)
@@ -711,7 +749,7 @@ class WorstKeeper:
 
     def __init__(self, label: str, measured: Measured, k: int = 4):
         self.label, self.k, self._items = label, k, []
-        self._prompts = {s.name: p for s, (_, p) in zip(measured.slices, measured.references)}
+        self._prompts = measured.prompts()
 
     def __call__(self, item, kind, index, got, want, value) -> None:
         self._items.append((value, item, kind, index, got > 0, want > 0))
@@ -737,17 +775,14 @@ def candidate_layer_errors(bundle: Bundle, candidate: Candidate, backend: str,
     from dataclasses import asdict
 
     from samedge.calibration.quantize import onnx_layer_errors, openvino_layer_errors
-    from samedge.runtime.transforms import preprocess
 
-    pre = bundle.preprocessing
-    tensors = [preprocess(s.image, pre)[0] for s in measured.slices[:slices]]
-    if candidate.graph == "encoder":
-        feeds = [{"image": t} for t in tensors]
-    else:
+    encoder = None
+    if candidate.graph == "decoder":
         encoder = open_backend(backend, bundle.entry_path(bundle.find("encoder", backend, "fp32")),
                                threads)
-        feeds = list(CalibrationSet(slices=measured.slices[:slices], augment=False)
-                     .decoder_inputs(pre, lambda t: encoder.run({"image": t})["image_embeddings"]))
+    sample = CalibrationSet(slices=measured.items[:slices], augment=False)
+    feeds = list(_feeds_for(candidate.graph, sample, bundle, encoder,
+                            PromptPolicy(clicks=bundle.model.get("prompt") == "points")))
     fp32 = bundle.entry_path(bundle.find(candidate.graph, backend, "fp32"))
     if candidate.fmt == "openvino_ir":
         rows = openvino_layer_errors(fp32, candidate.files[0], feeds, threads=threads)
@@ -762,14 +797,15 @@ def _provisional(manifest: dict, artifacts: list[dict]) -> dict:
     return data
 
 
-def validation_entry(drift: VariantDrift, gate: GateResult | None, slice_names: Sequence[str],
+def validation_entry(drift: VariantDrift | SemanticDrift, gate: GateResult | None,
+                     slice_names: Sequence[str],
                      measured_with: dict) -> dict:
     """The manifest's record of one measurement: summary, per-prompt Dice, gate verdict."""
     entry = {
-        "slices": list(slice_names),
+        **drift.summary(),
+        "slices": list(slice_names),  # a semantic summary's slice count is their number
         "reference": "FP32 PyTorch, same preprocessing",
         "measured_with": measured_with,
-        **drift.summary(),
         "per_prompt": [{"slice": s, "prompt": p, "dice": round(float(d), 6)}
                        for s, p, d in drift.cases],
         "embedding_cosine_per_slice": [round(float(c), 6) for c in drift.embedding_cosine],
@@ -786,7 +822,7 @@ def report_extras(result: BuildResult, measured: Measured) -> dict:
         if c.search is not None:
             extras["search"][c.label()] = c.search.describe(top=30)
     for c in result.rejected:
-        extras["rejected"][c.label()] = c.error or (c.gate.reasons if c.gate else [])
+        extras["rejected"][c.label()] = c.why_out()
     return extras
 
 
@@ -924,14 +960,16 @@ def validate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None =
                     window: Window | None = None, count: int = 100,
                     report_dir: str | Path | None = None, jitter: float = 0.0,
                     prompts_file: Path | None = None, card=None, threads: int | None = None,
-                    steps: Steps | None = None, slices: Sequence[Slice] | None = None
+                    steps: Steps | None = None, slices: Sequence[Item] | None = None
                     ) -> ValidationResult:
     """``samedge validate BUNDLE --data DIR --prompts boxes-from-masks --max-dice-drop 0.01``.
 
     Re-measures every reduced-precision variant in the bundle (encoder and decoder artifacts of
     each backend/precision, measured together as the Predictor runs them) on the given data
     against the FP32 PyTorch model, gates each, and writes the report. Exit code 0/1 via
-    ``ValidationResult.exit_code``. The bundle is not modified.
+    ``ValidationResult.exit_code``. The bundle is not modified. Depth models read ``data`` as
+    volumes (two stacks of D adjacent slices each); semantic families are gated on their label
+    maps' per-class Dice (no prompts).
     """
     steps = steps or Steps(quiet=True)
     bundle_path = Path(bundle_path)
@@ -939,9 +977,13 @@ def validate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None =
     gates = gates or GateSet()
     policy = PromptPolicy(mode=prompts, jitter=jitter, prompts_file=prompts_file,
                           clicks=bundle.model.get("prompt") == "points")
-    if slices is None:
-        slices = (load_slices(data, count, normalize_window(window)) if data is not None
-                  else bundled_slices())
+    depth = int(bundle.model.get("depth", 1))
+    if slices is None and data is None:
+        slices = default_validation(bundle)
+    elif slices is None and depth > 1:
+        slices = read_stacks(data, depth, window=normalize_window(window))
+    elif slices is None:
+        slices = load_slices(data, count, normalize_window(window))
     if not slices:
         raise DataSourceError(f"no validation slices in {data}")
     card = _card_for(bundle, card)  # after the data checks: building the model takes seconds
@@ -949,7 +991,7 @@ def validate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None =
         measured = references_for(card, slices, policy, Steps(quiet=True))
     variants = {}
     worst_cases: list = []
-    names = [s.name for s in slices]
+    names = measured.names
     combos = bundle_variants(bundle)
     default = bundle.manifest.get("default_variant") or {}
     chosen = (default.get("backend"), default.get("precision"),
@@ -962,9 +1004,7 @@ def validate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None =
         precision = decoder if encoder == "fp32" else encoder
         keeper = WorstKeeper(label, measured, k=2)
         with steps.step(f"drift of {label}"):
-            drift = measure_variant(bundle, backend, encoder, measured.slices,
-                                    measured.references, Steps(quiet=True), threads,
-                                    decoder_precision=decoder, observe=keeper)
+            drift = measured.measure(bundle, backend, encoder, decoder, threads, observe=keeper)
         if precision != "fp32":
             worst_cases += keeper.cases()
         gate = gates.evaluate(precision, drift.summary()) if precision != "fp32" else None
@@ -985,17 +1025,29 @@ def validate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None =
 def bundle_variants(bundle: Bundle) -> list[tuple[str, str, str]]:
     """(backend, encoder precision, decoder precision) the Predictor can run from this bundle:
     FP32, and per reduced precision every graph that has it (the other graph FP32) — so an INT8
-    encoder whose INT8 decoder was kept out is still validated, with the FP32 decoder."""
+    encoder whose INT8 decoder was kept out is still validated, with the FP32 decoder. Reduced
+    precisions count in the backend's own format; the FP32 partner may be any format it reads
+    (OpenVINO runs an FP32 ONNX decoder beside an INT8 IR encoder)."""
+    from samedge.runtime.bundle import BACKEND_FORMATS
+
     have = {(a["graph"], a["format"], a["precision"]) for a in bundle.artifacts}
     order = {"fp32": 0, "fp16": 1, "int8": 2}
     out = []
     for backend, fmt in (("onnxruntime", "onnx"), ("openvino", "openvino_ir")):
+        readable = BACKEND_FORMATS[backend]
+
+        def runs(graph: str, precision: str) -> bool:
+            formats = readable if precision == "fp32" else (fmt,)
+            return any((graph, f, precision) in have for f in formats)
+
         precisions = sorted({p for g, f, p in have if f == fmt and g in GRAPHS},
                             key=lambda p: (order.get(p, 9), p))
-        for precision in precisions:
-            encoder = precision if ("encoder", fmt, precision) in have else "fp32"
-            decoder = precision if ("decoder", fmt, precision) in have else "fp32"
-            if {("encoder", fmt, encoder), ("decoder", fmt, decoder)} <= have:
+        if not precisions:
+            continue  # nothing of this backend's own format in the bundle
+        for precision in dict.fromkeys(["fp32", *precisions]):
+            encoder = precision if runs("encoder", precision) else "fp32"
+            decoder = precision if runs("decoder", precision) else "fp32"
+            if runs("encoder", encoder) and runs("decoder", decoder):
                 out.append((backend, encoder, decoder))
     return out
 
@@ -1029,7 +1081,7 @@ class VariantRow:
     summary: dict | None
     gate: GateResult | None
     encoder_s: float | None = None
-    box_s: float | None = None
+    decoder_s: float | None = None  # one box, or one segment() call for semantic families
     in_bundle: bool = True
     default: bool = False
 
@@ -1071,30 +1123,43 @@ def int8_instructions() -> list[str]:
                            "i8mm"})
 
 
-def time_variants(bundle: Bundle, rows: Sequence[VariantRow], image: np.ndarray,
-                  threads: int | None, repeats: int = 3) -> None:
-    """Median ``set_image`` and one-box ``predict`` per row, rounds interleaved across rows
-    (the cores are shared, so the variants see the same background load)."""
+def first_interaction(predictor: Predictor, item: Item) -> tuple[Callable, Callable]:
+    """(encode, decode) of a first interaction with ``item``: ``set_image`` (``set_volume`` of a
+    stack for depth models), then one box on it (prompt families) or one ``segment()`` call."""
     from samedge.calibration.prompts import auto_boxes
 
-    box = auto_boxes(image)[0]
-    predictors = [Predictor(bundle, backend=r.backend, precision=r.encoder, threads=threads,
-                            decoder_precision=r.decoder) for r in rows]
-    for predictor in predictors:  # warm-up
-        predictor.set_image(image)
-        predictor.predict(boxes=box)
+    if isinstance(item, Slice):
+        encode = lambda: predictor.set_image(item.image)  # noqa: E731
+    else:
+        encode = lambda: predictor.set_volume([s.image for s in item])  # noqa: E731
+    if predictor.semantic:
+        return encode, predictor.segment
+    box = auto_boxes(centre(item).image)[0]
+    return encode, lambda: predictor.predict(boxes=box)
+
+
+def time_variants(bundle: Bundle, rows: Sequence[VariantRow], item: Item,
+                  threads: int | None, repeats: int = 3) -> None:
+    """Median encoder call and one decoder call (one box, or one ``segment()``) per row, rounds
+    interleaved across rows (the cores are shared, so the variants see the same load)."""
+    calls = [first_interaction(Predictor(bundle, backend=r.backend, precision=r.encoder,
+                                         threads=threads, decoder_precision=r.decoder), item)
+             for r in rows]
+    for encode, decode in calls:  # warm-up
+        encode()
+        decode()
     encoder: list[list[float]] = [[] for _ in rows]
     decoder: list[list[float]] = [[] for _ in rows]
     for _ in range(repeats):
-        for i, predictor in enumerate(predictors):
+        for i, (encode, decode) in enumerate(calls):
             t0 = time.perf_counter()
-            predictor.set_image(image)
+            encode()
             t1 = time.perf_counter()
-            predictor.predict(boxes=box)
+            decode()
             encoder[i].append(t1 - t0)
             decoder[i].append(time.perf_counter() - t1)
     for row, enc, dec in zip(rows, encoder, decoder):
-        row.encoder_s, row.box_s = float(np.median(enc)), float(np.median(dec))
+        row.encoder_s, row.decoder_s = float(np.median(enc)), float(np.median(dec))
 
 
 def drop_variants(bundle_path: Path, keys: Sequence[tuple[str, str, str]],
@@ -1112,7 +1177,7 @@ def drop_variants(bundle_path: Path, keys: Sequence[tuple[str, str, str]],
         return writer.commit(fields)
 
 
-def quantize_for_pipeline(bundle_path: str | Path, card, slices: Sequence[Slice],
+def quantize_for_pipeline(bundle_path: str | Path, card, slices: Sequence[Item],
                           threads: int | None = None, steps: Steps | None = None,
                           calibration: CalibrationSet | None = None,
                           search: SearchOptions | None = None, repeats: int = 3,
@@ -1122,7 +1187,8 @@ def quantize_for_pipeline(bundle_path: str | Path, card, slices: Sequence[Slice]
     the pipeline's drift per (backend, precision)), add OpenVINO INT8 encoder and decoder only
     where they pass their gate, then time every passing OpenVINO variant in interleaved rounds and
     record the fastest as the bundle's ``default_variant`` — on CPUs without VNNI/AMX usually
-    FP32, and the messages say so and why."""
+    FP32, and the messages say so and why. ``slices``: the validation items (stacks of D
+    adjacent slices for depth models), the same the pipeline measured its drift on."""
     steps = steps or Steps(quiet=True)
     started = time.perf_counter()
     bundle_path = Path(bundle_path)
@@ -1173,8 +1239,7 @@ def quantize_for_pipeline(bundle_path: str | Path, card, slices: Sequence[Slice]
                                 f"worst {row.summary['dice_min']:.4f} vs FP32 PyTorch"
                                 f"{search_facts}")
             else:
-                why = candidate.error or "; ".join(candidate.gate.reasons if candidate.gate
-                                                   else ["not measured"])
+                why = candidate.why_out()
                 holding = ""
                 if candidate.search is not None:
                     top = candidate.search.describe(3)["most_sensitive"]
@@ -1189,7 +1254,7 @@ def quantize_for_pipeline(bundle_path: str | Path, card, slices: Sequence[Slice]
             rows.append(row)
 
     bundle = Bundle(bundle_path)
-    probe = max(slices, key=lambda s: s.image.shape[0] * s.image.shape[1]).image
+    probe = max(slices, key=lambda s: centre(s).image.shape[0] * centre(s).image.shape[1])
     timed = [r for r in rows if r.in_bundle and r.passed]
     if timed:
         with steps.step(f"time {len(timed)} gate-passing OpenVINO variants, {repeats} "
@@ -1198,9 +1263,10 @@ def quantize_for_pipeline(bundle_path: str | Path, card, slices: Sequence[Slice]
     if not timed:  # nothing measured (no OpenVINO): FP32 stays the default, untimed
         timed = [VariantRow("openvino", "fp32", "fp32", None, None)]
 
-    def cost(row: VariantRow) -> float:  # one encoder call + one box: a first interaction
-        return (row.encoder_s or 0.0) + (row.box_s or 0.0)
+    def cost(row: VariantRow) -> float:  # one encoder call + one decoder call: a first look
+        return (row.encoder_s or 0.0) + (row.decoder_s or 0.0)
 
+    decode = "one segment() call" if card.decoder == "semantic" else "one box"
     fp32 = next((r for r in timed if r.encoder == r.decoder == "fp32"), None)
     fastest = min(timed, key=cost)
     default = fastest
@@ -1214,9 +1280,9 @@ def quantize_for_pipeline(bundle_path: str | Path, card, slices: Sequence[Slice]
     if fp32 is not None and cost(fp32):
         slow = [r for r in timed if r is not fp32 and cost(r) > (1.0 - SPEED_MARGIN) * cost(fp32)]
         if slow:
-            times = "; ".join(f"{r.label} {r.encoder_s * 1e3:.0f} ms + {r.box_s * 1e3:.1f} ms"
+            times = "; ".join(f"{r.label} {r.encoder_s * 1e3:.0f} ms + {r.decoder_s * 1e3:.1f} ms"
                               for r in [fp32, *slow])
-            messages.append(f"not faster than FP32 here (encoder + one box, median of "
+            messages.append(f"not faster than FP32 here (encoder + {decode}, median of "
                             f"{repeats} interleaved rounds; under {SPEED_MARGIN:.0%} counts as "
                             f"noise on shared cores): {times}")
         if any("int8" in (r.encoder, r.decoder) for r in slow):
@@ -1225,14 +1291,15 @@ def quantize_for_pipeline(bundle_path: str | Path, card, slices: Sequence[Slice]
                     + ("the fastest variant that passes its gate" if default is fastest else
                        f"no gate-passing variant is {SPEED_MARGIN:.0%} faster than FP32")
                     + (f" ({default.encoder_s * 1e3:.0f} ms encoder + "
-                       f"{default.box_s * 1e3:.1f} ms per box)" if default.encoder_s else ""))
+                       f"{default.decoder_s * 1e3:.1f} ms {decode})" if default.encoder_s
+                       else ""))
     manifest = bundle.manifest
     manifest["default_variant"] = {
         "backend": default.backend, "precision": default.encoder,
         "decoder_precision": default.decoder,
         "why": "fastest variant that passes its gate on the machine that built the bundle "
                f"(FP32 unless another is {SPEED_MARGIN:.0%} faster)",
-        "timed": {r.label: {"encoder_s": r.encoder_s, "box_s": r.box_s} for r in timed
+        "timed": {r.label: {"encoder_s": r.encoder_s, "decoder_s": r.decoder_s} for r in timed
                   if r.encoder_s is not None},
         "int8_instructions": fast,
     }

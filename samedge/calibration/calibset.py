@@ -33,6 +33,7 @@ from samedge.runtime.transforms import (
     check_boxes,
     check_points,
     preprocess,
+    preprocess_stack,
     transform_boxes,
     transform_points,
 )
@@ -163,8 +164,9 @@ class CalibrationSet:
 
     ``paths``: DICOM series folders, NIfTI/npz files, image folders (see ``sources``); ``None``
     means the bundled real slices held out from validation (:func:`bundled_calibration_paths`).
-    ``slices``: in-memory slices instead of paths (small sets, tests). Opening happens now, so an
-    empty or unreadable folder fails here with :class:`DataSourceError`; pixels are read per pass.
+    ``slices``: in-memory slices (or depth models' stacks of adjacent slices) instead of paths
+    (small sets, tests). Opening happens now, so an empty or unreadable folder fails here with
+    :class:`DataSourceError`; pixels are read per pass.
     """
 
     paths: Sequence[str | Path] | None = None
@@ -181,8 +183,11 @@ class CalibrationSet:
             if not self.slices:
                 raise DataSourceError("calibration set is empty", hint="pass at least one slice")
             for item in self.slices:
-                if not isinstance(item, Slice):
-                    raise ImageError(f"calibration slices must be Slice objects, got {type(item)}")
+                pieces = [item] if isinstance(item, Slice) else item
+                if not isinstance(pieces, (list, tuple)) or not pieces or \
+                        not all(isinstance(piece, Slice) for piece in pieces):
+                    raise ImageError("calibration slices must be Slice objects or stacks (lists) "
+                                     f"of them, got {type(item)}")
             self.count = min(self.count, len(self.slices)) if not self.augment else self.count
             return
         self.paths = [Path(p) for p in (bundled_calibration_paths() if self.paths is None
@@ -210,25 +215,40 @@ class CalibrationSet:
                           "requested; pass augment=True to top up", stacklevel=2)
             self.count = self.available
 
-    def _plan_iter(self) -> Iterator[Slice]:
+    def _plan_iter(self, depth: int = 1) -> Iterator:
         return iter_calibration_slices(self.paths, self.count, self.seed, self.window,
-                                       self.augment, self.modality)
+                                       self.augment, self.modality, depth)
 
     def iter_slices(self) -> Iterator[Slice]:
         """A fresh pass over the slices, read one at a time."""
+        return self.iter_items(1)
+
+    def iter_items(self, depth: int = 1) -> Iterator[Slice] | Iterator[list[Slice]]:
+        """A fresh pass: slices for 2-D models; for depth models (``depth`` > 1) each sampled
+        slice with its neighbours, ``depth`` adjacent slices of its volume (what the encoder
+        of a depth model sees at run time, not one slice repeated)."""
         if self.slices is not None:
-            return self._memory_slices()
+            return self._memory_items(depth)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reported once in __post_init__
-            return self._plan_iter()
+            return self._plan_iter(depth)
 
-    def _memory_slices(self) -> Iterator[Slice]:
-        from samedge.calibration.sources import _augment  # same augmentation as file sources
+    def _memory_items(self, depth: int) -> Iterator:
+        # same augmentation as file sources
+        from samedge.calibration.sources import _augment, augment_stack
 
         rng = np.random.default_rng(self.seed)
         for index in range(self.count):
             item = self.slices[index % len(self.slices)]
-            yield _augment(item, rng) if index >= len(self.slices) else item
+            if depth == 1:
+                item = item if isinstance(item, Slice) else item[len(item) // 2]
+                yield _augment(item, rng) if index >= len(self.slices) else item
+                continue
+            stack = list(item) if not isinstance(item, Slice) else [item] * depth
+            if len(stack) != depth:
+                raise ImageError(f"calibration stack of {len(stack)} slices for a model of "
+                                 f"depth {depth}", hint=f"pass stacks of {depth} adjacent slices")
+            yield augment_stack(stack, rng) if index >= len(self.slices) else stack
 
     def __len__(self) -> int:
         return self.count
@@ -242,35 +262,37 @@ class CalibrationSet:
 
     # -- encoder ---------------------------------------------------------------------------------
     def encoder_inputs(self, pre: Preprocessing, depth: int = 1) -> Feeds:
-        """``{"image": (D, 3, S, S)}`` per slice, through the runtime's ``preprocess``.
-
-        Depth families get the slice repeated ``depth`` times (the export's own convention).
-        """
+        """``{"image": (D, 3, S, S)}`` per slice (D = 1) or stack of ``depth`` adjacent slices,
+        through the runtime's ``preprocess`` / ``preprocess_stack``."""
 
         def make() -> Iterator[dict[str, np.ndarray]]:
-            for item in self.iter_slices():
-                tensor, _ = preprocess(item.image, pre)
-                yield {"image": np.repeat(tensor, depth, axis=0) if depth > 1 else tensor}
+            for item in self.iter_items(depth):
+                yield {"image": encoder_tensor(item, pre, depth)[0]}
 
-        return Feeds(make, self.count, f"{self.count} slices → encoder input")
+        unit = "slices" if depth == 1 else f"stacks of {depth} slices"
+        return Feeds(make, self.count, f"{self.count} {unit} → encoder input")
 
     # -- decoder ---------------------------------------------------------------------------------
     def decoder_inputs(self, pre: Preprocessing, encode: Callable[[np.ndarray], np.ndarray],
                        prompts: PromptPolicy | None = None, mask_size: int | None = None,
-                       max_prompts: int = 16) -> Feeds:
+                       max_prompts: int = 16, depth: int = 1) -> Feeds:
         """Realistic decoder feeds: the encoder's embeddings of real slices and real prompts.
 
         Per slice: all its boxes in one batch (labels 2/3) and, when the policy adds clicks, the
         centre clicks with SAM's padding point (labels 1/-1). Coordinates go through the runtime's
         own transforms. ``encode`` maps the encoder input tensor to the embedding (an FP32 graph).
+        Depth models encode each stack and decode on its centre slice, as the Predictor does.
         """
         prompts = prompts or PromptPolicy()
         size = mask_size or pre.mask_size
 
         def make() -> Iterator[dict[str, np.ndarray]]:
-            for item in self.iter_slices():
-                tensor, frame = preprocess(item.image, pre)
+            for entry in self.iter_items(depth):
+                tensor, frame = encoder_tensor(entry, pre, depth)
                 embedding = encode(tensor)
+                item = entry
+                if depth > 1:
+                    item, embedding = entry[depth // 2], embedding[depth // 2 : depth // 2 + 1]
                 for coords, labels in decoder_prompts(item, frame, pre, prompts, max_prompts):
                     count = coords.shape[0]
                     yield {
@@ -284,6 +306,25 @@ class CalibrationSet:
         per_slice = 2 if prompts.clicks else 1
         return Feeds(make, self.count * per_slice, f"{self.count} slices → decoder input")
 
+    def semantic_decoder_inputs(self, pre: Preprocessing,
+                                encode: Callable[[np.ndarray], np.ndarray], depth: int = 1
+                                ) -> Feeds:
+        """Prompt-free (semantic) decoder feeds: ``{"image_embeddings": (D, C, h, w)}`` per
+        slice or stack, the FP32 encoder's own embeddings of real data."""
+
+        def make() -> Iterator[dict[str, np.ndarray]]:
+            for entry in self.iter_items(depth):
+                yield {"image_embeddings": encode(encoder_tensor(entry, pre, depth)[0])}
+
+        return Feeds(make, self.count, f"{self.count} slices → semantic decoder input")
+
+
+def encoder_tensor(item, pre: Preprocessing, depth: int = 1) -> tuple[np.ndarray, ImageFrame]:
+    """The runtime's own encoder input for a slice (depth 1) or a stack of ``depth`` slices."""
+    if depth == 1:
+        return preprocess(item.image, pre)
+    return preprocess_stack([piece.image for piece in item], pre, depth)
+
 
 def decoder_prompts(item: Slice, frame: ImageFrame, pre: Preprocessing, prompts: PromptPolicy,
                     max_prompts: int = 16) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -294,7 +335,7 @@ def decoder_prompts(item: Slice, frame: ImageFrame, pre: Preprocessing, prompts:
     labels = np.broadcast_to(np.float32([2, 3]), (len(boxes), 2))
     yield np.ascontiguousarray(corners, np.float32), np.ascontiguousarray(labels, np.float32)
     if prompt.clicks is not None:
-        clicks = prompt.clicks[:max_prompts]
+        clicks = prompt.model_clicks(pre)[:max_prompts]
         points, marks = check_points(clicks, np.ones(clicks.shape[:2]), frame, pre)
         coords = np.concatenate([transform_points(points, frame, pre),
                                  np.zeros((len(points), 1, 2), np.float32)], axis=1)

@@ -57,6 +57,11 @@ class PromptSet:
         boxes = auto_boxes(image)
         return cls(boxes=boxes, clicks=box_centres(boxes) if clicks else None)
 
+    def model_clicks(self, pre) -> np.ndarray:
+        """The clicks (x, y) in the order the model reads them: Med-SA's legacy and 3D models
+        take (row, col) (``Preprocessing.point_order`` "yx"), so each box's centre is swapped."""
+        return self.clicks[..., ::-1].copy() if pre.point_order == "yx" else self.clicks
+
 
 @dataclass
 class ReferenceOutputs:
@@ -131,8 +136,9 @@ def reference_outputs(card: ModelCard, slices: Sequence[Item],
         boxes = reference.predict(boxes=prompt.boxes, multimask_output=False)
         clicks = None
         if prompt.clicks is not None:
-            clicks = reference.predict(point_coords=prompt.clicks, multimask_output=False,
-                                       point_labels=np.ones(prompt.clicks.shape[:2]))["logits"]
+            clicks = reference.predict(point_coords=prompt.model_clicks(card.preprocessing),
+                                       point_labels=np.ones(prompt.clicks.shape[:2]),
+                                       multimask_output=False)["logits"]
         results.append((ReferenceOutputs(item.name, embedding, boxes["logits"],
                                          boxes["low_res_logits"], boxes["scores"], clicks),
                         prompt))
@@ -166,7 +172,7 @@ def measure_variant(bundle: Bundle, backend: str, precision: str, slices: Sequen
         boxes = predictor.predict(boxes=prompt.boxes, multimask_output=False, return_logits=True)
         pairs = [("box", boxes.masks, ref.box_logits)]
         if prompt.clicks is not None:
-            clicks = predictor.predict(point_coords=prompt.clicks,
+            clicks = predictor.predict(point_coords=prompt.model_clicks(predictor.pre),
                                        point_labels=np.ones(prompt.clicks.shape[:2]),
                                        multimask_output=False, return_logits=True)
             pairs.append(("click", clicks.masks, ref.click_logits))
@@ -232,7 +238,9 @@ class SemanticReference:
 @dataclass
 class SemanticDrift:
     """Label-map agreement of one variant with FP32: per slice the share of identical pixels,
-    per class the Dice of its region (background included)."""
+    per class the Dice of its region (background included). Each (slice, class) region is what a
+    prompt is for the prompt families: ``cases`` and the ``dice_*`` figures the gates read pool
+    them, so the same gate and report serve both."""
 
     backend: str
     precision: str
@@ -242,13 +250,19 @@ class SemanticDrift:
     embedding_cosine_min: float = 1.0
     logits_max_abs: float = 0.0
     logits_mean_abs: list[float] = field(default_factory=list)
-    cases: list[tuple[str, float]] = field(default_factory=list)
+    cases: list[tuple[str, str, float]] = field(default_factory=list)
+    embedding_cosine: list[float] = field(default_factory=list)
+    embedding_rel_err: list[float] = field(default_factory=list)
+    slice_names: list[str] = field(default_factory=list)
 
     def summary(self, worst_k: int = 5) -> dict:
         """What goes into the manifest; ``dice_*`` pool every class of every slice."""
-        dices = np.concatenate([np.array(v) for v in self.class_dice.values()])
+        dices = np.array([d for _, _, d in self.cases])
+        worst = sorted(self.cases, key=lambda c: c[2])[:worst_k]
+        agreement = sorted(zip(self.slice_names, self.agreement), key=lambda c: c[1])
         return {
             "slices": len(self.agreement),
+            "prompts": len(dices),
             "pixel_agreement_mean": float(np.mean(self.agreement)),
             "pixel_agreement_min": float(np.min(self.agreement)),
             "class_dice_mean": {c: float(np.mean(v)) for c, v in sorted(self.class_dice.items())},
@@ -256,10 +270,14 @@ class SemanticDrift:
             "dice_mean": float(dices.mean()), "dice_min": float(dices.min()),
             "embedding_max_abs": self.embedding_max_abs,
             "embedding_cosine_min": self.embedding_cosine_min,
+            **({"embedding_cosine_mean": float(np.mean(self.embedding_cosine)),
+                "embedding_rel_err_max": float(np.max(self.embedding_rel_err))}
+               if self.embedding_cosine else {}),
             "logits_max_abs": self.logits_max_abs,
             "logits_mean_abs": float(np.mean(self.logits_mean_abs)),
-            "worst": [{"slice": s, "pixel_agreement": a}
-                      for s, a in sorted(self.cases, key=lambda c: c[1])[:worst_k]],
+            "worst": [{"slice": s, "prompt": p, "dice": d} for s, p, d in worst],
+            "worst_agreement": [{"slice": s, "pixel_agreement": a}
+                                for s, a in agreement[:worst_k]],
         }
 
 
@@ -281,9 +299,16 @@ def semantic_references(card: ModelCard, items: Sequence[Item], steps: Steps
 
 def measure_semantic_variant(bundle: Bundle, backend: str, precision: str, items: Sequence[Item],
                              references: list[SemanticReference], steps: Steps,
-                             threads: int | None = None) -> SemanticDrift:
-    """Run one backend/precision through ``Predictor.segment`` and compare label maps."""
-    predictor = Predictor(bundle, backend=backend, precision=precision, threads=threads)
+                             threads: int | None = None, decoder_precision: str | None = None,
+                             predictor: Predictor | None = None,
+                             observe: Callable | None = None) -> SemanticDrift:
+    """Run one backend/precision through ``Predictor.segment`` and compare label maps.
+
+    ``predictor`` and ``observe`` as in :func:`measure_variant`; ``observe`` sees each class
+    region as ``(slice, "class", c, got_region, want_region, dice)`` (boolean masks)."""
+    if predictor is None:
+        predictor = Predictor(bundle, backend=backend, precision=precision, threads=threads,
+                              decoder_precision=decoder_precision)
     drift = SemanticDrift(backend, precision)
     pairs = list(zip(items, references))
     for item, ref in steps.track(pairs, f"{backend} {precision}", total=len(pairs)):
@@ -293,13 +318,19 @@ def measure_semantic_variant(bundle: Bundle, backend: str, precision: str, items
         drift.embedding_max_abs = max(drift.embedding_max_abs,
                                       float(np.abs(emb - ref.embeddings).max()))
         drift.embedding_cosine_min = min(drift.embedding_cosine_min, cosine(emb, ref.embeddings))
+        drift.embedding_cosine.append(cosine(emb, ref.embeddings))
+        drift.embedding_rel_err.append(float(np.linalg.norm(emb - ref.embeddings)
+                                             / max(np.linalg.norm(ref.embeddings), 1e-12)))
         err = np.abs(result.low_res_logits - ref.low_res)
         drift.logits_max_abs = max(drift.logits_max_abs, float(err.max()))
         drift.logits_mean_abs.append(float(err.mean()))
-        for name, got, want in zip(_names(item), result.labels, ref.labels):
+        slices = [item] if isinstance(item, Slice) else list(item)
+        for piece, got, want in zip(slices, result.labels, ref.labels):
             drift.agreement.append(float((got == want).mean()))
-            drift.cases.append((name, drift.agreement[-1]))
+            drift.slice_names.append(piece.name)
             for c, value in class_dice(got, want).items():
                 drift.class_dice.setdefault(c, []).append(value)
+                drift.cases.append((piece.name, f"class {c}", value))
+                if observe is not None:
+                    observe(piece, "class", c, got == c, want == c, value)
     return drift
-

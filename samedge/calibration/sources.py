@@ -13,7 +13,7 @@ import importlib.util
 import operator
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -556,12 +556,15 @@ def iter_calibration_slices(
     window: Window | None = None,
     augment: bool = False,
     modality: str | None = None,
-) -> Iterator[Slice]:
+    depth: int = 1,
+) -> Iterator[Slice] | Iterator[list[Slice]]:
     """``count`` slices spread across sources and along each volume, read one at a time.
 
     Sources are opened now (headers only), so bad inputs fail here with DataSourceError; pixels
     are read as the iterator advances. With fewer slices than ``count`` all are yielded with a
-    warning or, with ``augment=True``, topped up with flipped/jittered repeats.
+    warning or, with ``augment=True``, topped up with flipped/jittered repeats. ``depth`` > 1
+    (depth models) yields each picked slice with its neighbours instead: ``depth`` adjacent slices
+    of its volume, ends replicated (a lone 2-D image gives its slice ``depth`` times).
     """
     if count < 1:
         raise DataSourceError(f"calibration needs count >= 1, got {count}", hint="pass count >= 1")
@@ -594,19 +597,31 @@ def iter_calibration_slices(
             "pass augment=True to top up with augmented repeats",
             stacklevel=2,
         )
-    return _read_plan(sources, plan, rng)
+    return _read_plan(sources, plan, rng, depth)
 
 
 def _read_plan(
-    sources: list[Volume], plan: list[tuple[int, int, bool]], rng: np.random.Generator
-) -> Iterator[Slice]:
+    sources: list[Volume], plan: list[tuple[int, int, bool]], rng: np.random.Generator,
+    depth: int = 1,
+) -> Iterator[Slice] | Iterator[list[Slice]]:
     for k, i, augmented in plan:
         try:
-            item = sources[k][i]
+            item = sources[k][i] if depth == 1 else sources[k].stack(i, depth)
         except ImageError as exc:
             message = f"calibration slice {i} of {sources[k].name} is unusable: {exc.args[0]}"
             raise DataSourceError(message, exc.hint) from exc
-        yield _augment(item, rng) if augmented else item
+        if not augmented:
+            yield item
+        elif depth == 1:
+            yield _augment(item, rng)
+        else:
+            yield augment_stack(item, rng)
+
+
+def augment_stack(stack: Sequence[Slice], rng: np.random.Generator) -> list[Slice]:
+    """:func:`_augment` with one draw for the whole stack: adjacent slices must stay alike."""
+    seed = int(rng.integers(2**32))
+    return [_augment(item, np.random.default_rng(seed)) for item in stack]
 
 
 # --- bundled real data ---------------------------------------------------------------------------

@@ -47,6 +47,34 @@ class Segmentation:
     low_res_logits: np.ndarray
 
 
+def installed(backend: str) -> bool:
+    from importlib.util import find_spec
+
+    module = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
+    return backend in module and find_spec(module[backend]) is not None
+
+
+def choose_variant(bundle: Bundle, backend: str | None, precision: str | None,
+                   decoder_precision: str | None) -> tuple[str, str, str | None]:
+    """Fill what the caller left open from the bundle's ``default_variant``; an explicit backend
+    or precision always wins (the default applies only where it names the same backend)."""
+    default = bundle.manifest.get("default_variant") or {}
+    if backend is None:
+        backend = default.get("backend")
+        if backend is None or not installed(backend):
+            formats = {a["format"] for a in bundle.artifacts}
+            backend = next((b for b, fmt in (("onnxruntime", "onnx"), ("openvino", "openvino_ir"),
+                                             ("openvino", "onnx"))
+                            if fmt in formats and installed(b)), "onnxruntime")
+    if precision is None:
+        if default.get("backend") == backend:
+            precision = default.get("precision", "fp32")
+            decoder_precision = decoder_precision or default.get("decoder_precision")
+        else:
+            precision = "fp32"
+    return backend, precision, decoder_precision
+
+
 class Predictor:
     """Run a bundle's encoder and decoder with one backend.
 
@@ -62,12 +90,19 @@ class Predictor:
     def __init__(
         self,
         bundle: str | Path | Bundle,
-        backend: str = "onnxruntime",
-        precision: str = "fp32",
+        backend: str | None = None,
+        precision: str | None = None,
         threads: int | None = None,
         decoder_precision: str | None = None,
     ):
+        """``backend``/``precision`` None: the bundle's ``default_variant`` (the fastest variant
+        that passed its accuracy gate where the bundle was built) when its backend is installed
+        here, else FP32 on the first installed backend the bundle has files for."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+        backend, precision, decoder_precision = choose_variant(self.bundle, backend, precision,
+                                                               decoder_precision)
+        self.backend, self.precision = backend, precision
+        self.decoder_precision = decoder_precision or precision
         self.pre = self.bundle.preprocessing
         self.multimask_default = bool(self.bundle.model.get("multimask_default", False))
         encoder = self.bundle.find("encoder", backend, precision)
