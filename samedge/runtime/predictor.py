@@ -206,13 +206,13 @@ class Predictor:
         )
         count = coords.shape[0]
         mask, has_mask = self._mask_prompt(mask_input, count)
-        outputs = self.decoder.run({
+        outputs = self._decode({
             "image_embeddings": embedding,
             "point_coords": coords,
             "point_labels": labels,
             "mask_input": mask,
             "has_mask_input": has_mask,
-        })
+        }, count)
         multimask = self.multimask_default if multimask_output is None else multimask_output
         if self.graph_selects_tokens:
             tokens = slice(None)
@@ -225,6 +225,19 @@ class Predictor:
         if not batched:
             masks, scores, low_res = masks[0], scores[0], low_res[0]
         return Prediction(masks=masks, scores=scores, low_res_logits=low_res)
+
+    def _decode(self, feed: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+        """One decoder call, or calls of the backend's ``decode_batch`` prompts when it runs
+        large prompt batches slower per prompt than small ones (ONNX Runtime on CPU: each prompt
+        carries image-sized intermediates, and a batch of 16 outgrows the cache)."""
+        step = getattr(self.decoder, "decode_batch", None)
+        if not step or count <= step:
+            return self.decoder.run(feed)
+        parts = [self.decoder.run({name: value if name == "image_embeddings"
+                                   else value[start:start + step]
+                                   for name, value in feed.items()})
+                 for start in range(0, count, step)]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def _prompt_points(self, point_coords, point_labels, boxes, frame, mask_count):
         """Build SAM's sparse prompt: points, then box corners (labels 2, 3), or a pad point.

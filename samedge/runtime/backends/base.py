@@ -9,7 +9,11 @@ import numpy as np
 
 @runtime_checkable
 class Backend(Protocol):
-    """One compiled graph. ``run`` takes and returns arrays keyed by the graph's I/O names."""
+    """One compiled graph. ``run`` takes and returns arrays keyed by the graph's I/O names.
+
+    A backend may also set ``decode_batch`` (int): the most prompts per decoder call it runs
+    efficiently; the Predictor splits larger prompt batches into calls of that size.
+    """
 
     name: str
     input_names: tuple[str, ...]
