@@ -432,14 +432,15 @@ def _nncf_accuracy_control(float_model, feeds: Feeds, config: NncfConfig, probe:
     target = options.target
 
     def validation_fn(compiled_model, data) -> tuple[float, list[float]]:
-        indices = [int(i) for i in data]
-        drift = probe.drift(CompiledBackend(compiled_model), indices=indices)
-        summary = drift.summary()
-        per_slice: dict[str, list[float]] = {}
-        for slice_name, _, value in drift.cases:
-            per_slice.setdefault(slice_name, []).append(value)
-        return (target.score(summary["dice_mean"], summary["dice_min"]),
-                [float(np.mean(v)) for v in per_slice.values()])
+        """NNCF ranks on the per-item values, index for index with ``data``: one mean Dice per
+        validation item (slice or stack), each item measured on its own."""
+        backend = CompiledBackend(compiled_model)
+        dices, per_item = [], []
+        for index in (int(i) for i in data):
+            values = [d for _, _, d in probe.drift(backend, indices=[index]).cases]
+            dices += values
+            per_item.append(float(np.mean(values)))
+        return target.score(float(np.mean(dices)), float(np.min(dices))), per_item
 
     arguments = config.arguments()
     restorer = AdvancedAccuracyRestorerParameters(ranking_subset_size=options.ranking_count,

@@ -60,7 +60,8 @@ class BundleWriter:
                 f"{self.target} exists and is not a samedge bundle; refusing to overwrite it",
                 hint="choose an empty or new output folder",
             )
-        self.staging = self.target.with_name(f".{self.target.name}.staging-{os.getpid()}")
+        self._owner = os.getpid()
+        self.staging = self.target.with_name(f".{self.target.name}.staging-{self._owner}")
         self.artifacts: list[dict] = []
         self._committed = False
 
@@ -75,7 +76,9 @@ class BundleWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if not self._committed:
+        # Only the process that staged cleans up: a tool that forks (NNCF's accuracy control
+        # does) leaves a child whose failing unwind would otherwise delete the parent's staging.
+        if not self._committed and os.getpid() == self._owner:
             shutil.rmtree(self.staging, ignore_errors=True)
 
     def add_artifact(self, graph: str, fmt: str, precision: str, files: list[Path],
