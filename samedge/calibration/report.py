@@ -116,7 +116,7 @@ def _overlay(image: np.ndarray, reference: np.ndarray, variant: np.ndarray) -> n
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def _worst_figure(cases: Sequence[WorstCase]):
+def _worst_figure(cases: Sequence[WorstCase], unit: str = "prompts"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,7 +138,8 @@ def _worst_figure(cases: Sequence[WorstCase]):
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="cyan", lw=1))
         ax.set_title(f"{case.variant}\n{case.slice} {case.prompt}: Dice {case.dice:.4f}",
                      fontsize=7)
-    fig.suptitle("Worst prompts — yellow: both, green: FP32 only, red: variant only", fontsize=9)
+    fig.suptitle(f"Worst {unit} — yellow: both, green: FP32 only, red: variant only",
+                 fontsize=9)
     fig.tight_layout()
     png = _figure_png(fig)
     plt.close(fig)
@@ -198,6 +199,8 @@ def _short(name: str) -> str:
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float) and np.isnan(value):
+        return "—"  # not measured for this family (e.g. IoU of semantic label maps)
     if isinstance(value, float):
         return f"{value:.{digits}f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
     return str(value)
@@ -237,12 +240,17 @@ def write_report(folder: str | Path, manifest: dict, extras: dict | None = None,
     variants = _variants(manifest, extras)
     figures: list[tuple[str, str, bytes]] = []  # (file, caption, png)
 
+    model = manifest.get("model", {})
+    semantic = model.get("decoder") == "semantic"
+    # semantic families: a (slice, class) region of the label map takes a prompt's place
+    unit, compared = (("regions", "label maps, region by region (one slice, one class)") if semantic
+                      else ("prompts", "masks"))
     png = _dice_figure(variants)
     if png:
-        figures.append(("dice_per_prompt.png", "Per-prompt Dice vs FP32, per variant", png))
-    png = _worst_figure(list(worst_cases))
+        figures.append(("dice_per_prompt.png", f"Per-{unit[:-1]} Dice vs FP32, per variant", png))
+    png = _worst_figure(list(worst_cases), unit)
     if png:
-        figures.append(("worst_cases.png", "Worst prompts: FP32 vs variant masks", png))
+        figures.append(("worst_cases.png", f"Worst {unit}: FP32 vs variant masks", png))
     for i, (label, search) in enumerate((extras.get("search") or {}).items()):
         png = _sensitivity_figure(label, search)
         if png:
@@ -251,18 +259,17 @@ def write_report(folder: str | Path, manifest: dict, extras: dict | None = None,
     if png:
         figures.append(("layer_errors.png", "Per-layer error vs FP32", png))
 
-    model = manifest.get("model", {})
     title = f"samedge drift report — {model.get('family', '?')} ({model.get('variant', '?')})"
-    headers = ["variant", "prompts", "Dice mean", "Dice worst", "IoU mean", "emb. cosine min",
+    headers = ["variant", unit, "Dice mean", "Dice worst", "IoU mean", "emb. cosine min",
                "max abs Δ logit", "gate"]
     md_table, html_table = _table(headers, summary_rows(variants))
     md = [f"# {title}", "",
           "Every variant is run through the samedge runtime and compared with the FP32 PyTorch "
-          "model's own masks (Dice 1.0 = identical masks). Figures below are drawn from the same "
+          f"model's own {compared} (Dice 1.0 = identical masks). Figures below are drawn from the same "
           "entries that the manifest stores next to each engine file.", "", md_table, ""]
     body = [f"<h1>{html.escape(title)}</h1>",
             "<p>Every variant is run through the samedge runtime and compared with the FP32 "
-            "PyTorch model's own masks (Dice 1.0 = identical masks). Figures are drawn from the "
+            f"PyTorch model's own {html.escape(compared)} (Dice 1.0 = identical masks). Figures are drawn from the "
             "same entries that the manifest stores next to each engine file.</p>", html_table]
 
     rejected = []
