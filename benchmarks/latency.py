@@ -495,6 +495,29 @@ def run(args) -> None:
     print("  (per box x floor: bare B=n median / n / per-box floor; single/one: 16 predict calls "
           "of one box vs one predict call of 16, user path)")
 
+    print()
+    print(f"== prompts per decoder call: one predict of {n} boxes, the runtime's decoder fed in "
+          "calls of K boxes (decode_batch), per box (ms; median of interleaved rounds)")
+    batches = sorted({1, 2, 4, 8, n})
+    sweep = {(name, k): [] for name in names if name != EAGER for k in batches}
+    for _ in range(max(3, args.repeats // 2)):
+        for name, k in sweep:
+            decoder = variants[name].predictor.decoder
+            default, decoder.decode_batch = getattr(decoder, "decode_batch", None), k
+            time.sleep(SETTLE_S)
+            start = time.perf_counter()
+            variants[name].predict(boxes)
+            sweep[(name, k)].append(time.perf_counter() - start)
+            decoder.decode_batch = default
+    print(f"{'variant':<22} " + " ".join(f"{'K=' + str(k):>8}" for k in batches)
+          + "  runtime default")
+    for name in names:
+        if name == EAGER:
+            continue
+        default = getattr(variants[name].predictor.decoder, "decode_batch", None)
+        print(f"{name:<22} " + " ".join(ms(statistics.median(sweep[(name, k)]) / n)
+                                        for k in batches) + f"  {default or n}")
+
     if not args.no_memory:
         print()
         print("== peak memory per backend (fresh subprocess: load, set_image, predict "

@@ -325,18 +325,17 @@ def rebuild_options(model: dict) -> dict:
     """Builder arguments that rebuild the bundle's FP32 model from its manifest record: the
     checkpoint and frozen base it names, and the hyper-parameters no file stores (input size,
     depth, MA-SAM's FacT scale, Med-SA's era)."""
-    from samedge.models.registry import FAMILIES
     import inspect
+
+    from samedge.models.registry import FAMILIES
 
     record = model.get("checkpoint") or {}
     wanted = {"checkpoint": record.get("path"), "base": record.get("base"),
-              "image_size": model.get("image_size"), "depth": model.get("depth"),
-              "scale": record.get("scale"), "era": record.get("era"),
-              "rank": record.get("rank")}
+              "variant": model.get("variant"), "image_size": model.get("image_size"),
+              "depth": model.get("depth"), "scale": record.get("scale"),
+              "era": record.get("era"), "rank": record.get("rank")}
     accepted = inspect.signature(FAMILIES[model["family"]]).parameters
     options = {k: v for k, v in wanted.items() if k in accepted and v is not None}
-    if model["family"] in ("litemedsam", "sam", "medsam"):
-        options = {k: v for k, v in options.items() if k == "checkpoint"}
     if model["family"] == "litemedsam" and "checkpoint" in options:
         from samedge.models.litemedsam import default_checkpoint
         from samedge.runtime.bundle import sha256_file

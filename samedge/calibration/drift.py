@@ -145,6 +145,17 @@ def reference_outputs(card: ModelCard, slices: Sequence[Item],
     return results
 
 
+def record_embedding(drift: "VariantDrift | SemanticDrift", got: np.ndarray,
+                     want: np.ndarray) -> None:
+    """Embedding drift of one item: max abs error, cosine, relative L2 error."""
+    similarity = cosine(got, want)
+    drift.embedding_max_abs = max(drift.embedding_max_abs, float(np.abs(got - want).max()))
+    drift.embedding_cosine_min = min(drift.embedding_cosine_min, similarity)
+    drift.embedding_cosine.append(similarity)
+    drift.embedding_rel_err.append(float(np.linalg.norm(got - want)
+                                         / max(np.linalg.norm(want), 1e-12)))
+
+
 def measure_variant(bundle: Bundle, backend: str, precision: str, slices: Sequence[Item],
                     references: list[tuple[ReferenceOutputs, PromptSet]], steps: Steps,
                     threads: int | None = None, decoder_precision: str | None = None,
@@ -163,12 +174,7 @@ def measure_variant(bundle: Bundle, backend: str, precision: str, slices: Sequen
     for entry, (ref, prompt) in steps.track(pairs, f"{backend} {precision}", total=len(pairs)):
         item = encode(predictor, entry)
         emb = predictor.image_embedding
-        drift.embedding_max_abs = max(drift.embedding_max_abs,
-                                      float(np.abs(emb - ref.embedding).max()))
-        drift.embedding_cosine_min = min(drift.embedding_cosine_min, cosine(emb, ref.embedding))
-        drift.embedding_cosine.append(cosine(emb, ref.embedding))
-        drift.embedding_rel_err.append(float(np.linalg.norm(emb - ref.embedding)
-                                             / max(np.linalg.norm(ref.embedding), 1e-12)))
+        record_embedding(drift, emb, ref.embedding)
         boxes = predictor.predict(boxes=prompt.boxes, multimask_output=False, return_logits=True)
         pairs = [("box", boxes.masks, ref.box_logits)]
         if prompt.clicks is not None:
@@ -315,12 +321,7 @@ def measure_semantic_variant(bundle: Bundle, backend: str, precision: str, items
         encode(predictor, item)
         result = predictor.segment()
         emb = predictor.embeddings
-        drift.embedding_max_abs = max(drift.embedding_max_abs,
-                                      float(np.abs(emb - ref.embeddings).max()))
-        drift.embedding_cosine_min = min(drift.embedding_cosine_min, cosine(emb, ref.embeddings))
-        drift.embedding_cosine.append(cosine(emb, ref.embeddings))
-        drift.embedding_rel_err.append(float(np.linalg.norm(emb - ref.embeddings)
-                                             / max(np.linalg.norm(ref.embeddings), 1e-12)))
+        record_embedding(drift, emb, ref.embeddings)
         err = np.abs(result.low_res_logits - ref.low_res)
         drift.logits_max_abs = max(drift.logits_max_abs, float(err.max()))
         drift.logits_mean_abs.append(float(err.mean()))

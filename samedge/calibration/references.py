@@ -58,11 +58,6 @@ class Measured:
     def names(self) -> list[str]:
         return [item_name(item) for item in self.items]
 
-    @property
-    def slices(self) -> list[Slice]:
-        """One image per item (a stack's centre): what overlays and prompts refer to."""
-        return [centre(item) for item in self.items]
-
     def prompts(self) -> dict[str, PromptSet]:
         """Prompt families: each decoded slice's prompts, by slice name."""
         if self.semantic:

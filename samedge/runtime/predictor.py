@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from samedge.errors import PromptError, StackDepthError
-from samedge.runtime.backends import open_backend
+from samedge.runtime.backends import installed, open_backend
 from samedge.runtime.bundle import Bundle
 from samedge.runtime.transforms import (
     ImageFrame,
@@ -45,13 +45,6 @@ class Segmentation:
     labels: np.ndarray
     logits: np.ndarray
     low_res_logits: np.ndarray
-
-
-def installed(backend: str) -> bool:
-    from importlib.util import find_spec
-
-    module = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
-    return backend in module and find_spec(module[backend]) is not None
 
 
 def choose_variant(bundle: Bundle, backend: str | None, precision: str | None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib import import_module
+from importlib.util import find_spec
 from pathlib import Path
 
 from samedge.errors import BackendUnavailableError
@@ -15,6 +16,11 @@ _BACKENDS = {
     "tensorrt": ("samedge.runtime.backends.tensorrt", "TensorRtBackend", "tensorrt"),
 }
 BACKENDS = tuple(_BACKENDS)
+
+
+def installed(name: str) -> bool:
+    """Whether the library behind a backend can be imported here (without importing it)."""
+    return name in _BACKENDS and find_spec(name) is not None
 
 
 def open_backend(name: str, path: str | Path, threads: int | None = None) -> Backend:
@@ -32,4 +38,4 @@ def open_backend(name: str, path: str | Path, threads: int | None = None) -> Bac
     return getattr(module, class_name)(Path(path), threads=threads)
 
 
-__all__ = ["BACKENDS", "Backend", "open_backend"]
+__all__ = ["BACKENDS", "Backend", "installed", "open_backend"]
