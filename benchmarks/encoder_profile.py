@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -40,7 +39,7 @@ for path in (REPO, HERE):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from latency import cpu_flags, cpu_model, gemm_seconds, pick_image  # noqa: E402
+from latency import bundle_or_export, cpu_flags, cpu_model, gemm_seconds, pick_image  # noqa: E402
 
 STAGES = (("stem", ("/patch_embed/", "/layers.0/")), ("stage 1", ("/layers.1/",)),
           ("stage 2", ("/layers.2/",)), ("stage 3", ("/layers.3/",)), ("neck", ("/neck/",)))
@@ -176,17 +175,7 @@ def run(args) -> None:
     print(f"GEMM rate : {rate / 1e9:.1f} GFLOP/s (torch.mm 2048², median of 9) → encoder floor "
           f"{flops['all'] / rate * 1e3:.0f} ms for {flops['all'] / 1e9:.2f} GFLOP")
 
-    tmp = None
-    if args.bundle:
-        bundle_dir = Path(args.bundle)
-    else:
-        from samedge.calibration.sources import bundled_slices
-        from samedge.export.exporter import export_bundle
-
-        tmp = tempfile.TemporaryDirectory(prefix="samedge-profile-")
-        bundle_dir = Path(tmp.name) / "bundle"
-        print("exporting a bundle ...", flush=True)
-        export_bundle(card, bundle_dir, [s.image for s in bundled_slices()[:2]])
+    bundle_dir, tmp = bundle_or_export(args.bundle)
     bundle = Bundle(bundle_dir)
     path = bundle.entry_path(bundle.find("encoder", "openvino", "fp32"))
     print(f"encoder   : {path} on {image_name} {tuple(tensor.shape)}, {args.rounds} rounds")

