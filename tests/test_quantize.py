@@ -17,7 +17,7 @@ import onnx
 import pytest
 from PIL import Image
 
-from samedge.calibration import calibset, sources
+from samedge.calibration import sources
 from samedge.calibration.calibset import CalibrationSet, PromptPolicy
 from samedge.calibration.gate import DEFAULT_GATES, Gate, GateSet
 from samedge.calibration.quantize import (

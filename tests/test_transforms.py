@@ -73,6 +73,19 @@ def test_upscale_matches_sam_postprocess():
     np.testing.assert_allclose(upscale_logits(low, frame, pre), expected, atol=2e-4)
 
 
+def test_upscale_dense_maps_match_taps_item_by_item(monkeypatch):
+    """Maps too wide for taps fall back to dense products; both paths give the same batch."""
+    from samedge.runtime import transforms
+
+    frame = ImageFrame((300, 484), (159, 256), 256)
+    low = RNG.normal(size=(3, 2, 256, 256)).astype(np.float32)
+    banded = upscale_logits(low, frame, LITEMEDSAM_PREPROCESSING)
+    monkeypatch.setattr(transforms, "_mask_taps", lambda *args: None)
+    dense = upscale_logits(low, frame, LITEMEDSAM_PREPROCESSING)
+    assert banded.shape == dense.shape == (3, 2, 300, 484)
+    np.testing.assert_allclose(dense, banded, atol=1e-5)
+
+
 def test_litemedsam_boxes_truncate_like_upstream():
     frame = ImageFrame((300, 484), (159, 256), 256)
     corners = transform_boxes(np.array([[10.7, 20.2, 300.9, 250.5]]), frame,

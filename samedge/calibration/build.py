@@ -1307,8 +1307,3 @@ def quantize_for_pipeline(bundle_path: str | Path, card, slices: Sequence[Item],
     seconds = time.perf_counter() - started
     return PipelineQuantization(result, rows, default, messages, seconds, manifest,
                                 result.report if result else None)
-
-
-def _has(bundle: Bundle, graph: str, fmt: str, precision: str) -> bool:
-    return any((a["graph"], a["format"], a["precision"]) == (graph, fmt, precision)
-               for a in bundle.artifacts)
