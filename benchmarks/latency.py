@@ -88,7 +88,7 @@ def loadavg() -> str:
 
 # -- workload ------------------------------------------------------------------------------------
 def pick_image(index: int):
-    from samedge.calibration.sources import bundled_slices
+    from samedge.data.bundled import bundled_slices
 
     slices = bundled_slices()
     chosen = slices[index]
@@ -97,7 +97,7 @@ def pick_image(index: int):
 
 def make_boxes(image: np.ndarray, count: int) -> np.ndarray:
     """``count`` distinct boxes: auto_boxes' five, repeated with small deterministic shifts."""
-    from samedge.calibration.prompts import auto_boxes
+    from samedge.data.prompts import auto_boxes
 
     base = auto_boxes(image).astype(np.float64)
     height, width = image.shape[:2]
@@ -155,7 +155,7 @@ def bundle_or_export(path: str | None):
     export (real weights, calibration-free) in a temporary folder."""
     if path:
         return Path(path), None
-    from samedge.calibration.sources import bundled_slices
+    from samedge.data.bundled import bundled_slices
     from samedge.export.exporter import export_bundle
     from samedge.models import build_model
 
@@ -270,6 +270,7 @@ def child_rss(args) -> None:
     boxes = make_boxes(image, args.boxes)
     if name == EAGER:
         import torch  # noqa: F401
+
         from samedge.models import build_model
 
         after_import = peak_rss_kib()
@@ -315,7 +316,7 @@ def run(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from samedge.export.onnx import PromptDecoder
+    from samedge.export.graphs import PromptDecoder
     from samedge.models import build_model
     from samedge.runtime.transforms import preprocess, transform_boxes
 

@@ -24,33 +24,35 @@ from pathlib import Path
 
 import numpy as np
 
-from samedge.calibration.build import (
+from samedge.data.bundled import bundled_slices
+from samedge.data.prompts import PromptPolicy, auto_boxes
+from samedge.progress import Steps
+from samedge.quantize.calibset import CalibrationSet
+from samedge.quantize.candidates import (
     CandidateProbe,
     SearchOptions,
-    _feeds_for,
-    _search,
     decoder_proxy,
     encoder_proxy,
-    references_for,
 )
-from samedge.calibration.calibset import CalibrationSet, PromptPolicy
-from samedge.calibration.gate import DEFAULT_GATES, SEARCH_TARGET
-from samedge.calibration.quantize import (
+from samedge.quantize.candidates import (
+    feeds_for as _feeds_for,
+)
+from samedge.quantize.candidates import (
+    run_search as _search,
+)
+from samedge.quantize.fp16 import convert_fp16
+from samedge.quantize.onnx_qdq import OnnxMixed, calibrate_onnx, quantize_qdq
+from samedge.quantize.openvino_nncf import (
     NncfConfig,
-    OnnxMixed,
     OpenVinoMixed,
-    calibrate_onnx,
-    convert_fp16,
     nncf_quantize,
-    quantize_qdq,
     read_openvino,
 )
-from samedge.calibration.sources import bundled_slices
-from samedge.progress import Steps
 from samedge.runtime.backends import open_backend
 from samedge.runtime.bundle import Bundle
 from samedge.runtime.transforms import preprocess, transform_boxes
-from samedge.calibration.prompts import auto_boxes
+from samedge.validation.gate import DEFAULT_GATES, SEARCH_TARGET
+from samedge.validation.references import references_for
 
 
 def ensure_bundle(path: Path, steps: Steps) -> Path:
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
                         runners[label] = (graph, open_backend("onnxruntime", keep / "m.onnx",
                                                               args.threads))
                     else:
-                        from samedge.calibration.quantize import save_openvino
+                        from samedge.quantize.openvino_nncf import save_openvino
 
                         save_openvino(model, keep / "m.xml")
                         runners[label] = (graph, open_backend("openvino", keep / "m.xml",

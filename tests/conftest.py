@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from samedge.calibration.sources import bundled_slices
+from samedge.data.bundled import bundled_slices
 
 
 @pytest.fixture(scope="session")

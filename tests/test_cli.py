@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from samedge.cli import main
-from samedge.calibration.sources import bundled_slices
+from samedge.data.bundled import bundled_slices
 
 
 def _dicom(name):
@@ -54,13 +54,6 @@ def test_unreadable_image(litemedsam_bundle, tmp_path, capsys):
     assert main(["--quiet", "predict", str(litemedsam_bundle), str(bad), "--box",
                  "0,0,5,5"]) == 2
     assert "error" in capsys.readouterr().err
-
-
-def test_cli_family_names_match_registry():
-    from samedge.cli import FAMILY_NAMES
-    from samedge.models import FAMILIES
-
-    assert sorted(FAMILY_NAMES) == sorted(FAMILIES)
 
 
 def test_family_options_are_checked(capsys):

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from samedge.calibration.prompts import auto_boxes
+from samedge.data.prompts import auto_boxes
 from samedge.errors import BundleError, ExportError
 from samedge.export import exporter
 from samedge.export.exporter import export_bundle

@@ -20,7 +20,7 @@ import upstream_layouts as ul  # tests/ is on sys.path (pytest's default rootdir
 
 from samedge.errors import CheckpointError, FamilyMismatchError, KeyMismatchError
 from samedge.models import masam, medsa, samed
-from samedge.models.registry import FAMILIES
+from samedge.models.registry import FAMILY_NAMES
 from samedge.models.sam import SAM_PIXEL_MEAN, SAM_VARIANTS
 from samedge.models.vit_blocks import AdapterBlock, Encoder, SliceAdapterBlock
 
@@ -103,7 +103,7 @@ def test_layout_helpers_match_verified_upstream_key_counts():
 
 
 def test_registry_lists_the_families():
-    assert {"samed", "medsa", "masam"} <= set(FAMILIES)
+    assert {"samed", "medsa", "masam"} <= set(FAMILY_NAMES)
 
 
 # -- SAMed ----------------------------------------------------------------------------------------

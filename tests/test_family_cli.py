@@ -27,14 +27,11 @@ import upstream_layouts as ul  # tests/ is on sys.path (pytest's default rootdir
 from PIL import Image
 from pydicom.uid import generate_uid
 
-from samedge.calibration.sources import (
-    bundled_slices,
-    bundled_volume,
-    load_image,
-    read_dicom_series,
-    read_nifti,
-)
 from samedge.cli import main
+from samedge.data.bundled import bundled_slices, bundled_volume
+from samedge.data.dicom import read_dicom_series
+from samedge.data.nifti import read_nifti
+from samedge.data.open import load_image
 from samedge.models import build_model
 from samedge.models.masam import MASAM_CT_WINDOW
 from samedge.models.reference import TorchReference

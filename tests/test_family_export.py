@@ -23,14 +23,14 @@ import torch
 import torch.nn.functional as F
 import upstream_layouts as ul  # tests/ is on sys.path (pytest's default rootdir-relative import)
 
-from samedge.calibration import windows
-from samedge.calibration.drift import measure_drift
-from samedge.calibration.sources import bundled_stacks
+from samedge.data import windows
+from samedge.data.bundled import bundled_stacks
 from samedge.errors import ImageError, PromptError, StackDepthError
 from samedge.export.exporter import export_bundle
 from samedge.models import build_model, masam, medsa, samed
 from samedge.runtime import Predictor, transforms
 from samedge.runtime.transforms import preprocess, preprocess_stack
+from samedge.validation.drift import measure_drift
 
 EMBEDDING_TOL, LOGIT_TOL, LABEL_AGREEMENT = 5e-4, 1e-4, 0.999
 SMALL = replace(ul.TINY, depth=3)  # width 64, 2 heads, block 2 global; SAM base at 256

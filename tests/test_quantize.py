@@ -17,25 +17,25 @@ import onnx
 import pytest
 from PIL import Image
 
-from samedge.calibration import sources
-from samedge.calibration.calibset import CalibrationSet, PromptPolicy
-from samedge.calibration.gate import DEFAULT_GATES, Gate, GateSet
-from samedge.calibration.quantize import (
+from samedge.data import sampling
+from samedge.data.prompts import PromptPolicy
+from samedge.data.slices import Slice
+from samedge.errors import DataSourceError, ImageError, PromptError
+from samedge.quantize.calibset import CalibrationSet
+from samedge.quantize.fp16 import convert_fp16
+from samedge.quantize.layer_errors import onnx_layer_errors
+from samedge.quantize.onnx_qdq import (
     OnnxMixed,
-    SearchResult,
-    accuracy_search,
     calibrate_onnx,
-    convert_fp16,
-    onnx_layer_errors,
     qdq_report,
     quantize_qdq,
 )
-from samedge.calibration.report import WorstCase, write_report
-from samedge.calibration.sources import Slice
-from samedge.errors import DataSourceError, ImageError, PromptError
+from samedge.quantize.search import SearchResult, accuracy_search
 from samedge.runtime import Bundle
 from samedge.runtime.backends import open_backend
 from samedge.runtime.transforms import Preprocessing, preprocess
+from samedge.validation.gate import DEFAULT_GATES, Gate, GateSet
+from samedge.validation.report import WorstCase, write_report
 
 PRE = Preprocessing(image_size=256)
 
@@ -87,13 +87,13 @@ def write_pngs(folder: Path, count: int, size=(48, 64)) -> Path:
 def test_calibration_reads_one_slice_at_a_time(tmp_path, monkeypatch):
     folder = write_pngs(tmp_path / "pngs", 60)
     reads = []
-    real = sources.read_image_file
+    real = sampling.read_image_file
 
     def counting(path, *args, **kwargs):
         reads.append(Path(path).name)
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(sources, "read_image_file", counting)
+    monkeypatch.setattr(sampling, "read_image_file", counting)
     calib = CalibrationSet([folder], count=60, augment=False)
     assert reads == []  # opening reads no pixels
     feeds = calib.encoder_inputs(PRE)
@@ -333,7 +333,7 @@ def test_report_is_self_contained_and_matches_the_manifest(tmp_path):
 # -- OpenVINO NNCF and the whole build (slow) -------------------------------------------------
 @pytest.mark.slow
 def test_openvino_int8_revert_is_exact(litemedsam_bundle, decoder_feeds):
-    from samedge.calibration.quantize import NncfConfig, OpenVinoMixed, nncf_quantize
+    from samedge.quantize.openvino_nncf import NncfConfig, OpenVinoMixed, nncf_quantize
 
     xml = litemedsam_bundle / "openvino" / "decoder_fp32.xml"
     quantized = nncf_quantize(xml, decoder_feeds, NncfConfig(subset_size=len(decoder_feeds)))
@@ -362,7 +362,9 @@ def test_openvino_int8_revert_is_exact(litemedsam_bundle, decoder_feeds):
 
 @pytest.mark.slow
 def test_build_adds_only_gate_passing_variants(bundle_copy, real_slices, litemedsam_card):
-    from samedge.calibration.build import SearchOptions, build_variants, validate_bundle
+    from samedge.quantize.build import build_variants
+    from samedge.quantize.candidates import SearchOptions
+    from samedge.validation.validate import validate_bundle
 
     validation = [s for s in real_slices if s.name in ("CT_small.dcm", "examples_overlay.dcm")]
     calib = CalibrationSet(slices=[s for s in real_slices if s.name == "693_J2KI.dcm"],
@@ -408,7 +410,8 @@ def test_build_adds_only_gate_passing_variants(bundle_copy, real_slices, litemed
 
 
 def test_calibrate_records_the_calibration_set(bundle_copy, tmp_path):
-    from samedge.calibration.build import calibrate_bundle, calibration_from_manifest
+    from samedge.quantize.build import calibration_from_manifest
+    from samedge.quantize.calibrate import calibrate_bundle
 
     folder = write_pngs(tmp_path / "ct", 12)
     manifest = calibrate_bundle(bundle_copy, [folder], window="ct-abdomen", count=8,
@@ -428,8 +431,8 @@ def test_pipeline_precision_step_gates_fp16_and_keeps_fp32_default(bundle_copy, 
                                                                     litemedsam_card):
     """`samedge pipeline` without INT8: a failing FP16 IR leaves the bundle with the reason
     recorded, and the default is the fastest gate-passing variant (FP32 unless clearly faster)."""
-    from samedge.calibration.build import SPEED_MARGIN, quantize_for_pipeline
-    from samedge.calibration.drift import VariantDrift
+    from samedge.pipeline.precision import SPEED_MARGIN, quantize_for_pipeline
+    from samedge.validation.drift import VariantDrift
 
     def drift(precision, dice):
         d = VariantDrift("openvino", precision, dice=list(dice), iou=list(dice),
@@ -463,7 +466,7 @@ def test_depth_calibration_feeds_real_adjacent_stacks():
     """A depth model is calibrated on D adjacent slices of each volume (what its Conv3d/depth
     attention sees at run time), not on one slice repeated D times; augmented repeats flip and
     scale a whole stack alike."""
-    from samedge.calibration.sources import bundled_volume
+    from samedge.data.bundled import bundled_volume
     from samedge.runtime.transforms import preprocess
 
     volume = bundled_volume()
@@ -495,7 +498,7 @@ def test_depth_calibration_feeds_real_adjacent_stacks():
 def test_clicks_reach_row_col_models_swapped():
     """Med-SA's legacy and 3-D models read clicks as (row, col): validation and decoder
     calibration put each click at its box's centre in that order."""
-    from samedge.calibration.drift import PromptSet
+    from samedge.data.prompts import PromptSet
 
     prompt = PromptSet(boxes=np.float32([[10, 20, 30, 60]]), clicks=np.float32([[[20, 40]]]))
     np.testing.assert_array_equal(prompt.model_clicks(replace(PRE, point_order="yx")),

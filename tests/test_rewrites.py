@@ -15,8 +15,13 @@ import torch
 from torch import nn
 
 from samedge.export import rewrites
-from samedge.export.onnx import PromptDecoder, decoder_spec
-from samedge.runtime.transforms import ImageFrame, _mask_maps, preprocess, upscale_logits
+from samedge.export.graphs import PromptDecoder, decoder_spec
+from samedge.runtime.transforms import (
+    ImageFrame,
+    _mask_maps,
+    preprocess,
+    upscale_logits,
+)
 
 CT_512 = "693_J2KI.dcm"
 
@@ -124,7 +129,7 @@ def test_rewritten_encoder_matches_on_real_ct(model, ct_tensor, block_inputs):
 
 
 def _decoder_cases(card, model, images):
-    from samedge.export.exporter import decoder_cases
+    from samedge.export.decoders import decoder_cases
 
     with torch.no_grad():
         embeddings = [model.image_encoder(torch.from_numpy(preprocess(im, card.preprocessing)[0]))

@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from samedge.calibration.prompts import auto_boxes
+from samedge.data.prompts import auto_boxes
 from samedge.errors import BundleError, PromptError
 from samedge.models.reference import TorchReference
 from samedge.runtime import Bundle, Predictor

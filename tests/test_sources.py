@@ -15,22 +15,15 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from samedge.calibration import sources
-from samedge.calibration.sources import (
-    Slice,
-    Volume,
-    bundled_slices,
-    bundled_volume,
-    iter_calibration_slices,
-    load_image,
-    read_dicom,
-    read_dicom_frames,
-    read_dicom_series,
-    read_image_file,
-    read_nifti,
-    read_npz,
-)
-from samedge.calibration.windows import parse_window, to_uint8
+from samedge.data import dicom, images, nifti
+from samedge.data.bundled import bundled_slices, bundled_volume
+from samedge.data.dicom import read_dicom, read_dicom_frames, read_dicom_series
+from samedge.data.images import read_image_file, read_npz
+from samedge.data.nifti import read_nifti
+from samedge.data.open import load_image
+from samedge.data.sampling import iter_calibration_slices
+from samedge.data.slices import Slice, Volume
+from samedge.data.windows import parse_window, to_uint8
 from samedge.errors import DataSourceError, ImageError
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -187,9 +180,9 @@ def test_dicom_series_orders_along_oblique_normal_not_z(tmp_path):
 def test_dicom_series_reads_headers_only_until_accessed(tmp_path, monkeypatch):
     write_series(tmp_path / "ct", [0.0, 1.0, 2.0, 3.0])
     calls = []
-    real = sources.read_dicom
+    real = dicom.read_dicom
     spy = lambda path, w=None: calls.append(path) or real(path, w)  # noqa: E731
-    monkeypatch.setattr(sources, "read_dicom", spy)
+    monkeypatch.setattr(dicom, "read_dicom", spy)
     volume = read_dicom_series(tmp_path / "ct")
     assert calls == []
     volume[2]
@@ -430,8 +423,9 @@ def test_sampling_spreads_across_sources_and_along_volumes(tmp_path):
 def test_sampling_is_lazy(tmp_path, monkeypatch):
     paths = make_sources(tmp_path)
     decoded = []
-    real = sources.to_uint8
-    monkeypatch.setattr(sources, "to_uint8", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    real = images.to_uint8
+    for reader in (dicom, images, nifti):
+        monkeypatch.setattr(reader, "to_uint8", lambda *a, **k: decoded.append(1) or real(*a, **k))
     stream = iter_calibration_slices(paths, 300, augment=True)
     assert decoded == [] and iter(stream) is stream and not isinstance(stream, list)
     next(stream)

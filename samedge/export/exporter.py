@@ -12,87 +12,35 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from samedge.calibration.prompts import auto_boxes
-from samedge.calibration.sources import Slice, bundled_stacks
+from samedge.data.bundled import bundled_stacks
+from samedge.data.slices import Slice
 from samedge.export import medsa_decoder
 from samedge.export.bundle import BundleWriter
-from samedge.export.onnx import (
-    PromptDecoder,
+from samedge.export.decoders import export_prompt_decoder, sam_interface_cases
+from samedge.export.graphs import (
     SamInterfaceDecoder,
     Tolerance,
-    decoder_spec,
     encoder_spec,
-    export_graph,
     sam_interface_spec,
-    validate_graph,
 )
+from samedge.export.onnx import export_graph, validate_graph
 from samedge.export.openvino import convert_to_ir
 from samedge.export.semantic import export_semantic_decoder
 from samedge.models.card import ModelCard
+from samedge.models.registry import family
 from samedge.progress import Steps
-from samedge.runtime.transforms import preprocess, preprocess_stack, transform_boxes
+from samedge.runtime.transforms import preprocess, preprocess_stack
 
 OPENVINO_PRECISIONS = ("fp32", "fp16")
+# Family.decoder_graph → the function that exports and validates that kind of decoder.
+DECODER_EXPORTS = {"prompt": export_prompt_decoder, "semantic": export_semantic_decoder,
+                   "medsa": medsa_decoder.export_medsa_decoder}
 UPSTREAM_EMBEDDING_TOLERANCE = Tolerance(atol=5e-4)  # merged ONNX vs unmerged upstream encoder
-
-
-def decoder_cases(card: ModelCard, embeddings: Sequence[np.ndarray],
-                  images: Sequence[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-    """Realistic decoder inputs: real embeddings, boxes from the real slices, point sets of
-    several sizes, prompt batches of 1, 5 and 16, with and without a mask prompt."""
-    m = card.preprocessing.mask_size
-    rng = np.random.default_rng(0)
-    for embedding, image in zip(embeddings, images):
-        _, frame = preprocess(image, card.preprocessing)
-        corners = transform_boxes(auto_boxes(image), frame, card.preprocessing)  # (5, 2, 2)
-        centres = corners.mean(axis=1, keepdims=True)
-        box_labels = np.broadcast_to(np.float32([2, 3]), (len(corners), 2))
-        layouts = [
-            (corners[:1], box_labels[:1]),                                       # B=1, box
-            (corners, box_labels),                                               # B=5, box
-            (np.concatenate([centres, np.zeros_like(centres)], 1),               # B=5, click+pad
-             np.tile(np.float32([1, -1]), (len(corners), 1))),
-            (np.concatenate([np.repeat(centres, 3, 1) + rng.normal(0, 2, (5, 3, 2)), corners], 1),
-             np.tile(np.float32([1, 0, 1, 2, 3]), (len(corners), 1))),          # B=5, N=5
-            (np.tile(corners, (4, 1, 1))[:16], np.tile(box_labels, (4, 1))[:16]),  # B=16
-        ]
-        for index, (coords, labels) in enumerate(layouts):
-            count = coords.shape[0]
-            with_mask = index == 1
-            yield {
-                "image_embeddings": embedding,
-                "point_coords": np.ascontiguousarray(coords, dtype=np.float32),
-                "point_labels": np.ascontiguousarray(labels, dtype=np.float32),
-                "mask_input": (rng.normal(0, 4, (count, 1, m, m)) if with_mask
-                               else np.zeros((count, 1, m, m))).astype(np.float32),
-                "has_mask_input": np.full(count, float(with_mask), np.float32),
-            }
-
-
-def sam_interface_cases(card, embeddings, images):
-    """Meta's decoder takes one prompt with N points, coordinates in the resized frame, and the
-    original image size; without a box a pad point is appended."""
-    layouts = 5  # decoder_cases yields five prompt layouts per image
-    for case, image in zip(decoder_cases(card, embeddings, images), _repeat(images, layouts)):
-        yield {
-            "image_embeddings": case["image_embeddings"],
-            "point_coords": case["point_coords"][:1],
-            "point_labels": case["point_labels"][:1],
-            "mask_input": case["mask_input"][:1],
-            "has_mask_input": case["has_mask_input"][:1],
-            "orig_im_size": np.float32(image.shape[:2]),
-        }
-
-
-def _repeat(items, times):
-    for item in items:
-        for _ in range(times):
-            yield item
 
 
 def encoder_inputs(card: ModelCard, images: Sequence[np.ndarray], image_names: Sequence[str],
@@ -147,13 +95,10 @@ def export_bundle(
         writer.add_artifact("encoder", "onnx", "fp32", [stage / "encoder.onnx"])
         embeddings = [model.image_encoder(torch.from_numpy(batch)).numpy() for batch in batches]
 
-        if card.decoder == "semantic":
-            graphs["decoder"] = export_semantic_decoder(card, embeddings, stage / "decoder.onnx",
-                                                        steps)
-        else:
-            centre = card.depth // 2  # prompts are decoded on one slice of each batch
-            embeddings = [batch[centre : centre + 1] for batch in embeddings]
-            graphs["decoder"] = _export_prompt_decoder(card, embeddings, images, stage, steps)
+        if card.decoder == "prompt":  # prompts are decoded on one slice of each batch
+            embeddings = [batch[card.depth // 2 : card.depth // 2 + 1] for batch in embeddings]
+        export_decoder = DECODER_EXPORTS[family(card.family).decoder_graph]
+        graphs["decoder"] = export_decoder(card, embeddings, images, stage, steps)
         writer.add_artifact("decoder", "onnx", "fp32", [stage / "decoder.onnx"])
 
         if sam_interface and card.decoder == "prompt":  # Meta's interface is a prompt interface
@@ -184,26 +129,3 @@ def export_bundle(
             "graphs": graphs,
             "validation_inputs": names,
         })
-
-
-def _export_prompt_decoder(card: ModelCard, embeddings: Sequence[np.ndarray],
-                           images: Sequence[np.ndarray], stage: Path, steps: Steps) -> dict:
-    """The spine's prompt decoder, or Med-SA's cut to its tokens 0:n and validated against
-    Med-SA's upstream decoding; returns the manifest's graph entry."""
-    path = stage / "decoder.onnx"
-    if card.family == "medsa":
-        decoder = medsa_decoder.MedSAPromptDecoder(card.model, card.image_size).eval()
-        spec, facts = medsa_decoder.medsa_decoder_spec(card), {"token_selection": "graph"}
-        reference = medsa_decoder.upstream_decoder(card.reference)
-        cases = list(medsa_decoder.click_cases(card, embeddings[:2], images[:2]))
-        title = "Med-SA clicks (B = 1…16 prompts, 1–3 clicks)"
-    else:
-        decoder = reference = PromptDecoder(card.model, card.image_size).eval()
-        spec, facts = decoder_spec(card), {}
-        cases = list(decoder_cases(card, embeddings[:2], images[:2]))
-        title = "B = 1…16 prompts, N = 1…5 points"
-    with steps.step("export prompt encoder + mask decoder to ONNX"):
-        export_graph(decoder, spec, tuple(torch.tensor(cases[0][n]) for n in spec.inputs), path)
-    with steps.step(f"validate decoder ({title})"):
-        measured = validate_graph(path, spec, reference, cases)
-    return {"variant": "prompt", **facts, **spec.describe(), "measured": measured}

@@ -14,15 +14,18 @@ only prompt Med-SA trains and validates with.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from samedge.calibration.prompts import auto_boxes
-from samedge.export.onnx import GraphSpec, PromptDecoder, decoder_spec
+from samedge.data.prompts import auto_boxes
+from samedge.export.decoders import export_and_validate
+from samedge.export.graphs import GraphSpec, PromptDecoder, decoder_spec
 from samedge.models.card import ModelCard
+from samedge.progress import Steps
 from samedge.runtime.transforms import preprocess, transform_boxes
 
 
@@ -86,3 +89,13 @@ def upstream_decoder(model: nn.Module) -> Callable[..., tuple[torch.Tensor, torc
                        multimask_output=decoder.num_multimask_outputs > 1)
 
     return decode
+
+
+def export_medsa_decoder(card: ModelCard, embeddings: Sequence[np.ndarray],
+                         images: Sequence[np.ndarray], stage: Path, steps: Steps) -> dict:
+    """Med-SA's decoder cut to its tokens 0:n, validated against Med-SA's upstream decoding."""
+    decoder = MedSAPromptDecoder(card.model, card.image_size).eval()
+    cases = list(click_cases(card, embeddings[:2], images[:2]))
+    return export_and_validate(decoder, upstream_decoder(card.reference), medsa_decoder_spec(card),
+                               cases, stage, steps, "Med-SA clicks (B = 1…16 prompts, 1–3 clicks)",
+                               {"token_selection": "graph"})

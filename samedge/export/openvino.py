@@ -2,7 +2,7 @@
 
 FP16 IR stores weights in half precision (half the file) and OpenVINO decompresses them at load;
 on CPUs without native FP16 arithmetic it computes in FP32, so its drift is the weight rounding
-alone. INT8 IR comes from ``samedge.calibration.quantize`` and lands in the same layout.
+alone. INT8 IR comes from ``samedge.quantize`` and lands in the same layout.
 
 The ONNX is read with ``Core.read_model``, not ``ov.convert_model``: every ``convert_model`` call
 sends telemetry from a worker thread that forks a process, and that fork deadlocks against numpy's

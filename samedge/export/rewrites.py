@@ -252,7 +252,7 @@ def rewrite_tinyvit(encoder: nn.Module) -> nn.Module:
 
 # -- prompt decoder -----------------------------------------------------------------------------
 def _is_prompt_decoder(module: nn.Module) -> bool:
-    from samedge.export.onnx import PromptDecoder
+    from samedge.export.graphs import PromptDecoder
 
     return type(module) is PromptDecoder
 

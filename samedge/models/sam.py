@@ -14,6 +14,7 @@ import torch
 
 from samedge.models.card import ModelCard
 from samedge.models.checkpoint import file_sha256, load_into, load_state_dict
+from samedge.models.family import CHECKPOINT, VARIANT, Family
 from samedge.runtime.transforms import Preprocessing
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -158,3 +159,25 @@ def build_medsam(checkpoint: str | Path | None = None, config: SamConfig | None 
                      checkpoint=record,
                      notes=["resize approximates MedSAM's skimage order-3 resize with "
                             "antialiased bilinear"])
+
+
+def _custom_config(model) -> str | None:
+    if "config" in (model.get("checkpoint") or {}):
+        return "it was exported from a custom-configured SAM"
+    return None
+
+
+SAM_FAMILY = Family(
+    name="sam",
+    summary="Meta's SAM ViT-B/L/H (segment-anything checkpoints, or random weights)",
+    build=build_sam,
+    options=(VARIANT, CHECKPOINT),
+    rebuildable=_custom_config,
+)
+MEDSAM_FAMILY = Family(
+    name="medsam",
+    summary="MedSAM: SAM ViT-B fully fine-tuned on medical images",
+    build=build_medsam,
+    options=(CHECKPOINT,),
+    rebuildable=_custom_config,
+)

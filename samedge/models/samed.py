@@ -14,6 +14,7 @@ key: right for ViT-B, wrong for ViT-L), SAMed_h by block index; both rules are r
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import replace
 from functools import partial
@@ -27,6 +28,22 @@ from torch import nn
 from samedge.errors import CheckpointError, FamilyMismatchError, KeyMismatchError
 from samedge.models.card import ModelCard
 from samedge.models.checkpoint import file_sha256, load_into, load_state_dict
+from samedge.models.family import (
+    BASE,
+    CHECKPOINT,
+    IMAGE_SIZE,
+    NUM_CLASSES,
+    RANK,
+    VARIANT,
+    Family,
+)
+from samedge.models.folding import (
+    fold_linear,
+    fold_qv,
+    folded_attention,
+    low_rank,
+    token_grid,
+)
 from samedge.models.infer import (
     infer_decoder,
     infer_encoder,
@@ -36,7 +53,7 @@ from samedge.models.infer import (
     variant_name,
 )
 from samedge.models.sam import SamConfig
-from samedge.models.vit_blocks import SamParts
+from samedge.models.vit_blocks import Block, Encoder, SamParts
 from samedge.runtime.transforms import Preprocessing
 
 GlobalRule = Literal["substring", "index"]
@@ -313,7 +330,6 @@ def build_samed(
 
 
 def _card(reference: SamParts, config: SamConfig, variant: str, merged: bool, record: dict) -> ModelCard:
-    from samedge.export.merge import merge_samed
 
     model = merge_samed(reference) if merged else reference
     pre = Preprocessing(
@@ -366,3 +382,42 @@ def reference_forward(card_or_model: ModelCard | nn.Module, images: torch.Tensor
     if model is None:
         raise CheckpointError("this card has no reference model")
     return semantic_forward(model, images)
+
+
+# -- merge: fold the linear updates into the frozen weights -------------------------------------
+def merge_samed(reference: SamParts) -> SamParts:
+    """SAMed/SAMed_h/SAMed_s: plain SAM blocks with LoRA folded into qkv (and decoder q/v)."""
+    enc = reference.image_encoder
+    grid = token_grid(enc)
+    blocks = []
+    for blk in enc.blocks:
+        lora = blk.attn.qkv
+        qkv = fold_qv(lora.qkv, low_rank(lora.linear_b_q.weight, lora.linear_a_q.weight),
+                      low_rank(lora.linear_b_v.weight, lora.linear_a_v.weight))
+        attn = folded_attention(qkv, blk.attn.proj, blk.attn.num_heads,
+                          (blk.attn.rel_pos_h, blk.attn.rel_pos_w), blk.window_size, grid)
+        blocks.append(Block(blk.norm1, attn, blk.norm2, blk.mlp, blk.window_size, grid))
+    encoder = Encoder(enc.patch_embed, enc.pos_embed, blocks, enc.neck, enc.img_size)
+    return SamParts(encoder, reference.prompt_encoder, _fold_decoder_lora(reference.mask_decoder))
+
+
+def _fold_decoder_lora(decoder: nn.Module) -> nn.Module:
+    """Replace SAMed_s ``LoRAProj`` wrappers by plain folded Linears (in a copy of the decoder)."""
+    if not any(isinstance(m, LoRAProj) for m in decoder.modules()):
+        return decoder
+    decoder = copy.deepcopy(decoder)
+    for module in list(decoder.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRAProj):
+                setattr(module, name, fold_linear(child.proj, low_rank(child.w_b.weight, child.w_a.weight)))
+    return decoder
+
+
+FAMILY = Family(
+    name="samed",
+    summary="SAMed / SAMed_h / SAMed_s: LoRA on q/v, prompt-free semantic decoder",
+    build=build_samed,
+    options=(BASE, CHECKPOINT, VARIANT, IMAGE_SIZE, NUM_CLASSES, RANK),
+    decoder_graph="semantic",
+    merge=merge_samed,
+)

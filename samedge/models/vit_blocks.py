@@ -8,7 +8,7 @@ integers, so a traced graph has static shapes and no data-dependent control flow
 
 Everything here is numerically the upstream computation; the adaptation-specific parts that cannot
 be folded into weights (Med-SA bottleneck adapters and depth branch, MA-SAM slice convolutions) are
-ordinary modules too, so ``export/merge.py`` only rewires modules and folds weights.
+ordinary modules too, so the families' ``merge_*`` functions only rewire modules and folds weights.
 """
 
 from __future__ import annotations

@@ -16,7 +16,10 @@ import numpy as np
 import tensorrt as trt
 from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-from samedge.runtime.backends.trt_compat import check_engine_compatibility, gpu_compute_capability
+from samedge.runtime.backends.trt_compat import (
+    check_engine_compatibility,
+    gpu_compute_capability,
+)
 
 
 class TensorRtBackend:

@@ -16,10 +16,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from samedge.calibration.calibset import PromptPolicy, encoder_tensor
-from samedge.calibration.drift import (
-    Item,
-    PromptSet,
+from samedge.data.items import Item, centre, encoder_tensor
+from samedge.data.prompts import PromptPolicy, PromptSet
+from samedge.data.slices import Slice
+from samedge.progress import Steps
+from samedge.runtime.bundle import Bundle
+from samedge.runtime.predictor import Predictor
+from samedge.runtime.transforms import Preprocessing
+from samedge.validation.drift import (
     SemanticDrift,
     VariantDrift,
     measure_semantic_variant,
@@ -27,16 +31,6 @@ from samedge.calibration.drift import (
     reference_outputs,
     semantic_references,
 )
-from samedge.calibration.sources import Slice
-from samedge.progress import Steps
-from samedge.runtime.bundle import Bundle
-from samedge.runtime.predictor import Predictor
-from samedge.runtime.transforms import Preprocessing
-
-
-def centre(item: Item) -> Slice:
-    """The slice prompts are decoded on: the slice itself, or a stack's centre."""
-    return item if isinstance(item, Slice) else item[len(item) // 2]
 
 
 def item_name(item: Item) -> str:

@@ -13,7 +13,9 @@ import math
 import numpy as np
 
 from samedge.errors import ImageError
-from samedge.runtime.transforms import apply_window  # one definition: the runtime windows raw HU too
+from samedge.runtime.transforms import (
+    apply_window,  # one definition: the runtime windows raw HU too
+)
 
 # Radiological (level, width) presets in Hounsfield units.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -106,3 +108,11 @@ def percentile_scale(values: np.ndarray) -> np.ndarray:
         return np.zeros(a.shape, np.uint8)
     scaled = (np.clip(a, low, high) - low) * 255.0 / (high - low)
     return np.rint(scaled).astype(np.uint8)
+
+
+def normalize_window(window: Window | None) -> Window | None:
+    """Accept ``ct-abdomen``-style names as well as ``abdomen`` and ``L,W``."""
+    if isinstance(window, str) and window.lower().startswith("ct-"):
+        window = window[3:]
+    parse_window(window)
+    return window

@@ -18,8 +18,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from samedge.calibration.prompts import auto_boxes, box_centres
-from samedge.calibration.sources import Slice, bundled_stacks
+from samedge.data.bundled import bundled_stacks
+from samedge.data.items import Item
+from samedge.data.prompts import PromptSet
+from samedge.data.slices import Slice
 from samedge.models.card import ModelCard
 from samedge.models.reference import TorchReference
 from samedge.progress import Steps
@@ -43,24 +45,6 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
 
 
-@dataclass
-class PromptSet:
-    """The prompts one slice is decoded with: boxes, and for point-trained families single clicks
-    at their centres. Box-only families (LiteMedSAM, MedSAM) never saw clicks in training; their
-    click masks are a few unstable pixels, so clicks would measure noise, not drift."""
-
-    boxes: np.ndarray
-    clicks: np.ndarray | None = None
-
-    @classmethod
-    def auto(cls, image: np.ndarray, clicks: bool) -> "PromptSet":
-        boxes = auto_boxes(image)
-        return cls(boxes=boxes, clicks=box_centres(boxes) if clicks else None)
-
-    def model_clicks(self, pre) -> np.ndarray:
-        """The clicks (x, y) in the order the model reads them: Med-SA's legacy and 3D models
-        take (row, col) (``Preprocessing.point_order`` "yx"), so each box's centre is swapped."""
-        return self.clicks[..., ::-1].copy() if pre.point_order == "yx" else self.clicks
 
 
 @dataclass
@@ -109,9 +93,6 @@ class VariantDrift:
             "iou_prediction_max_abs": self.score_max_abs,
             "worst": [{"slice": s, "prompt": p, "dice": d} for s, p, d in worst],
         }
-
-
-Item = Slice | Sequence[Slice]  # one slice, or a depth model's stack of D adjacent slices
 
 
 def encode(target: Predictor | TorchReference, item: Item) -> Slice:

@@ -13,62 +13,29 @@ each pass re-reads one slice at a time (NNCF iterates a dataset several times), 
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from samedge.calibration.drift import PromptSet
-from samedge.calibration.prompts import auto_boxes, box_centres, box_from_mask
-from samedge.calibration.sources import Slice, iter_calibration_slices
-from samedge.calibration.windows import Window
-from samedge.errors import DataSourceError, ImageError, PromptError
+from samedge.data.bundled import bundled_calibration_paths
+from samedge.data.items import encoder_tensor
+from samedge.data.prompts import (
+    PromptPolicy,
+)
+from samedge.data.sampling import iter_calibration_slices
+from samedge.data.slices import Slice
+from samedge.data.windows import Window
+from samedge.errors import DataSourceError, ImageError
 from samedge.runtime.transforms import (
     ImageFrame,
     Preprocessing,
-    check_boxes,
     check_points,
-    preprocess,
-    preprocess_stack,
     transform_boxes,
     transform_points,
 )
-
-# Real medical images shipped inside pydicom and nibabel that are *not* among
-# ``bundled_slices()`` (the default validation set): calibration on them keeps validation held out.
-# NM, ultrasound (single and 30 frames), MR volumes; other slices of the validation MR volumes.
-BUNDLED_CALIBRATION_DICOM = (
-    "JPEG2000.dcm", "examples_jpeg2k.dcm", "examples_ybr_color.dcm", "examples_rgb_color.dcm",
-    "examples_palette.dcm", "image_dfl.dcm",
-)
-BUNDLED_CALIBRATION_NIFTI = (
-    "example4d.nii.gz", "anatomical.nii", "example_nifti2.nii.gz", "reoriented_anat_moved.nii",
-)
-PROMPT_MODES = ("auto", "boxes-from-masks", "file")
-
-
-def _package_data(package: str, *parts: str) -> Path | None:
-    spec = importlib.util.find_spec(package)
-    return Path(spec.origin).parent.joinpath(*parts) if spec is not None and spec.origin else None
-
-
-def bundled_calibration_paths() -> list[Path]:
-    """Files for the default calibration set (held out from the bundled validation slices)."""
-    paths = []
-    dicom = _package_data("pydicom", "data", "test_files")
-    nifti = _package_data("nibabel", "tests", "data")
-    if dicom is not None:
-        paths += [dicom / name for name in BUNDLED_CALIBRATION_DICOM if (dicom / name).is_file()]
-    if nifti is not None:
-        paths += [nifti / name for name in BUNDLED_CALIBRATION_NIFTI if (nifti / name).is_file()]
-    if not paths:
-        raise DataSourceError("no bundled calibration images (pydicom and nibabel missing)",
-                              hint="pip install samedge[data], or pass --data DIR")
-    return paths
 
 
 class Feeds:
@@ -95,66 +62,6 @@ class Feeds:
 
 
 # -- prompts ---------------------------------------------------------------------------------------
-@dataclass
-class PromptPolicy:
-    """How prompts are derived per slice, for validation and decoder calibration.
-
-    ``auto``: boxes from the image itself (:func:`auto_boxes`: the Otsu foreground box, its halves
-    and its centre — deterministic, so figures are comparable between runs); ``boxes-from-masks``:
-    one box per label of the slice's mask (with optional ``jitter`` × size per side), or its stored
-    box; ``file``: a JSON file ``{"slice name": [[x0, y0, x1, y1], ...]}``. ``clicks`` adds a
-    centre click per box (for point-trained families). Boxes outside the image raise PromptError.
-    """
-
-    mode: str = "auto"
-    jitter: float = 0.0
-    clicks: bool = False
-    prompts_file: Path | None = None
-    seed: int = 0
-    _file_boxes: dict = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.mode not in PROMPT_MODES:
-            raise PromptError(f"unknown prompt mode {self.mode!r}", hint=f"use one of {PROMPT_MODES}")
-        if self.mode == "file":
-            if self.prompts_file is None:
-                raise PromptError("prompt mode 'file' needs prompts_file")
-            try:
-                data = json.loads(Path(self.prompts_file).read_text())
-            except (OSError, ValueError) as exc:
-                raise PromptError(f"cannot read prompts file {self.prompts_file}: {exc}",
-                                  hint='write {"slice name": [[x0, y0, x1, y1], ...]}') from exc
-            if not isinstance(data, dict):
-                raise PromptError(f"{self.prompts_file} must map slice names to box lists")
-            self._file_boxes = data
-
-    def boxes(self, item: Slice) -> np.ndarray:
-        """(B, 4) xyxy boxes for one slice, validated against its size."""
-        image = item.image
-        if self.mode == "file":
-            if item.name not in self._file_boxes:
-                raise PromptError(f"prompts file has no boxes for slice {item.name!r}",
-                                  hint="keys must be the slice names (see `samedge info`)")
-            boxes = np.asarray(self._file_boxes[item.name], dtype=np.float32).reshape(-1, 4)
-        elif self.mode == "boxes-from-masks":
-            if item.box is not None:
-                boxes = np.asarray(item.box, dtype=np.float32)[None]
-            elif item.mask is not None and item.mask.any():
-                rng = np.random.default_rng(self.seed)
-                labels = [v for v in np.unique(item.mask) if v != 0]
-                boxes = np.stack([box_from_mask(item.mask == v, self.jitter, rng)
-                                  for v in labels])
-            else:
-                raise PromptError(
-                    f"slice {item.name} has no mask or box to derive prompts from",
-                    hint="pass labelled data (npz with mask/box) or use --prompts auto")
-        else:
-            boxes = auto_boxes(image)
-        return check_boxes(boxes, ImageFrame(image.shape[:2], image.shape[:2])).astype(np.float32)
-
-    def prompt_set(self, item: Slice) -> PromptSet:
-        boxes = self.boxes(item)
-        return PromptSet(boxes=boxes, clicks=box_centres(boxes) if self.clicks else None)
 
 
 # -- the calibration set ---------------------------------------------------------------------------
@@ -235,7 +142,8 @@ class CalibrationSet:
 
     def _memory_items(self, depth: int) -> Iterator:
         # same augmentation as file sources
-        from samedge.calibration.sources import _augment, augment_stack
+        from samedge.data.sampling import augment_slice as _augment
+        from samedge.data.sampling import augment_stack
 
         rng = np.random.default_rng(self.seed)
         for index in range(self.count):
@@ -319,11 +227,6 @@ class CalibrationSet:
         return Feeds(make, self.count, f"{self.count} slices → semantic decoder input")
 
 
-def encoder_tensor(item, pre: Preprocessing, depth: int = 1) -> tuple[np.ndarray, ImageFrame]:
-    """The runtime's own encoder input for a slice (depth 1) or a stack of ``depth`` slices."""
-    if depth == 1:
-        return preprocess(item.image, pre)
-    return preprocess_stack([piece.image for piece in item], pre, depth)
 
 
 def decoder_prompts(item: Slice, frame: ImageFrame, pre: Preprocessing, prompts: PromptPolicy,
@@ -341,11 +244,3 @@ def decoder_prompts(item: Slice, frame: ImageFrame, pre: Preprocessing, prompts:
                                  np.zeros((len(points), 1, 2), np.float32)], axis=1)
         labels = np.concatenate([marks, np.full((len(points), 1), -1.0, np.float32)], axis=1)
         yield np.ascontiguousarray(coords, np.float32), np.ascontiguousarray(labels, np.float32)
-
-
-def load_slices(paths: Iterable[str | Path], count: int = 1000, window: Window | None = None,
-                modality: str | None = None, seed: int = 0) -> list[Slice]:
-    """Validation slices (small sets): up to ``count`` slices spread over the sources."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return list(iter_calibration_slices(list(paths), count, seed, window, False, modality))

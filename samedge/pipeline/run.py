@@ -14,15 +14,10 @@ from typing import Sequence
 
 import numpy as np
 
-from samedge.calibration.drift import SemanticDrift, VariantDrift, measure_drift
-from samedge.calibration.prompts import auto_boxes
-from samedge.calibration.sources import (
-    Slice,
-    bundled_slices,
-    bundled_stacks,
-    load_image,
-    read_stacks,
-)
+from samedge.data.bundled import bundled_slices, bundled_stacks
+from samedge.data.items import centre, read_items
+from samedge.data.prompts import auto_boxes
+from samedge.data.slices import Slice
 from samedge.export.bundle import write_json_atomic
 from samedge.export.exporter import export_bundle
 from samedge.models import build_model
@@ -30,6 +25,7 @@ from samedge.models.card import ModelCard
 from samedge.progress import Steps
 from samedge.runtime.bundle import MANIFEST_NAME, Bundle
 from samedge.runtime.predictor import Predictor
+from samedge.validation.drift import SemanticDrift, VariantDrift, measure_drift
 
 # Slices whose encoder/decoder outputs validate the ONNX export (one small CT, one 512² CT, one
 # non-square MR); all bundled slices are used for the runtime agreement check.
@@ -37,16 +33,6 @@ EXPORT_VALIDATION = ("CT_small.dcm", "693_J2KI.dcm", "examples_overlay.dcm")
 # Depth models: stacks of D adjacent slices of the bundled MR volume (or of the given volumes);
 # the first EXPORT_STACKS validate the export, all of them the runtime agreement check.
 PIPELINE_STACKS, EXPORT_STACKS = 3, 2
-
-
-def read_validation_data(paths: Sequence[Path], depth: int
-                         ) -> tuple[list[Slice], list[list[Slice]] | None]:
-    """``--validation-data`` for a model of ``depth``: slices (a volume gives its middle slice)
-    for 2-D models; for depth models stacks of D adjacent slices, two per volume."""
-    if depth > 1:
-        stacks = read_stacks(paths, depth, per_volume=EXPORT_STACKS)
-        return [stack[depth // 2] for stack in stacks], stacks
-    return [load_image(p) for p in paths], None
 
 
 @dataclass
@@ -133,7 +119,7 @@ def run_pipeline(
     **model_options,
 ) -> PipelineResult:
     """``slices`` (2-D models) or ``stacks`` of D adjacent slices (depth models), or
-    ``validation_data`` files read as :func:`read_validation_data` does; default: the bundled
+    ``validation_data`` files read by :func:`samedge.data.items.read_items`; default: the bundled
     real slices, or stacks of the bundled MR volume."""
     steps = steps or Steps(quiet=True)
     with steps.step(f"build {family} model"):
@@ -141,7 +127,8 @@ def run_pipeline(
     depth = card.depth
     with steps.step("read real slices" if depth == 1 else f"read real stacks of {depth} slices"):
         if validation_data:
-            slices, stacks = read_validation_data(validation_data, depth)
+            items = read_items(validation_data, depth, per_volume=EXPORT_STACKS)
+            slices, stacks = [centre(i) for i in items], items if depth > 1 else None
         elif depth > 1:
             stacks = [list(s) for s in stacks] if stacks else bundled_stacks(depth, PIPELINE_STACKS)
             slices = [stack[depth // 2] for stack in stacks]  # where prompts are decoded
@@ -178,7 +165,7 @@ def run_pipeline(
     quantization = None
     if "openvino" in backends:
         # gate FP16, add INT8 only where it passes, record the fastest passing variant
-        from samedge.calibration.build import quantize_for_pipeline
+        from samedge.pipeline.precision import quantize_for_pipeline
 
         quantization = quantize_for_pipeline(out, card, stacks if depth > 1 else slices,
                                              threads=threads, steps=steps, measured=drift,

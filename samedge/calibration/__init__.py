@@ -1,1 +1,0 @@
-"""Medical image sources turned into display-ready slices for calibration and validation."""

@@ -1,0 +1,1 @@
+"""Reduced-precision variants: calibration sets, one module per tool, the accuracy search."""

@@ -1,0 +1,118 @@
+"""One builder per tool: NNCF INT8 IR, ONNX Runtime Q/DQ INT8, and FP16 (IR or mixed ONNX)."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from samedge.progress import Steps
+from samedge.quantize.calibset import Feeds
+from samedge.quantize.candidates import (
+    Candidate,
+    CandidateProbe,
+    SearchOptions,
+    nncf_accuracy_control,
+    run_search,
+)
+from samedge.quantize.fp16 import convert_fp16
+from samedge.quantize.onnx_qdq import (
+    OnnxMixed,
+    calibrate_onnx,
+    qdq_report,
+    quantize_qdq,
+)
+from samedge.quantize.openvino_nncf import (
+    NncfConfig,
+    OpenVinoMixed,
+    nncf_quantize,
+    read_openvino,
+    save_openvino,
+)
+from samedge.runtime.bundle import Bundle
+
+
+def openvino_int8(graph: str, bundle: Bundle, stage: Path, feeds: Feeds, probe: CandidateProbe,
+                   proxy, options: SearchOptions, config: NncfConfig, steps: Steps) -> Candidate:
+    source = bundle.entry_path(bundle.find(graph, "openvino", "fp32"))
+    float_model = read_openvino(source)
+    start = time.perf_counter()
+    with steps.step(f"{graph}: NNCF INT8 calibration on {len(feeds)} inputs"):
+        quantized = nncf_quantize(float_model, feeds, config)
+    calibration_s = time.perf_counter() - start
+    mixed = OpenVinoMixed(float_model, quantized, options.granularity)
+    search = None
+    model = quantized
+    if options.method == "search":
+        model, search = run_search(list(mixed.units), mixed.realize, probe, proxy, options, steps,
+                                graph)
+    elif options.method == "nncf":
+        model = nncf_accuracy_control(float_model, feeds, config, probe, options, steps)
+    xml = stage / "openvino" / f"{graph}_int8.xml"
+    files = save_openvino(model, xml)
+    meta = {"quantization": {**config.describe(), "calibration_seconds": round(calibration_s, 1),
+                             "calibration_inputs": len(feeds),
+                             "accuracy_control": options.method}}
+    if search is not None:
+        meta["quantization"]["search"] = search.describe()
+    return Candidate(graph, "openvino_ir", "int8", files, meta, search)
+
+
+def qdq_int8(graph: str, bundle: Bundle, stage: Path, feeds: Feeds, probe: CandidateProbe,
+              proxy, options: SearchOptions, method: str, steps: Steps) -> Candidate:
+    source = bundle.entry_path(bundle.find(graph, "onnxruntime", "fp32"))
+    with tempfile.TemporaryDirectory(prefix="samedge-qdq-") as tmp:
+        tmp = Path(tmp)
+        with steps.step(f"{graph}: ONNX Runtime calibration ({method}) on {len(feeds)} inputs"):
+            calibration = calibrate_onnx(source, feeds, tmp / "ranges.json", method)
+        full = quantize_qdq(source, tmp / "all.onnx", calibration)
+        mixed = OnnxMixed(source, full)
+        excluded: list[str] = []
+        search = None
+        if options.method != "none":
+            _, search = run_search(mixed.units, mixed.realize, probe, proxy, options, steps, graph)
+            excluded = search.float_units
+        out = stage / f"{graph}_int8_qdq.onnx"
+        quantize_qdq(source, out, calibration, exclude=excluded)
+        facts = qdq_report(out)
+    meta = {"quantization": {
+        "tool": "onnxruntime.quantization.quantize_static (QDQ)",
+        "scheme": "int8 symmetric activations and weights (zero point 0), per-channel weights",
+        "calibration_method": method, "calibration_seconds": round(calibration.seconds, 1),
+        "calibration_inputs": calibration.slices, "accuracy_control": options.method,
+        "float_nodes": excluded, "qdq": {k: v for k, v in facts.items()
+                                         if k != "quantized_nodes"},
+        "quantized_nodes": len(facts["quantized_nodes"]),
+    }}
+    if search is not None:
+        meta["quantization"]["search"] = search.describe()
+    return Candidate(graph, "onnx", "int8", [out], meta, search)
+
+
+def fp16_variant(graph: str, bundle: Bundle, stage: Path, fmt: str, feeds: Feeds, steps: Steps
+          ) -> Candidate:
+    if fmt == "openvino_ir":
+        from samedge.export.openvino import convert_to_ir
+
+        source = bundle.entry_path(bundle.find(graph, "onnxruntime", "fp32"))
+        (stage / "openvino").mkdir(exist_ok=True)
+        files = convert_to_ir(source, stage / "openvino" / f"{graph}fp16.xml", True)
+        return Candidate(graph, fmt, "fp16", files,
+                         {"conversion": {"tool": "openvino.save_model(compress_to_fp16=True)"}})
+    source = bundle.entry_path(bundle.find(graph, "onnxruntime", "fp32"))
+    with steps.step(f"{graph}: mixed FP16 ONNX (LayerNorm/softmax/residual adds in FP32)"):
+        conversion = convert_fp16(source, stage / f"{graph}fp16.onnx", feeds.take(2))
+    meta = {"conversion": {
+        "tool": "onnxruntime.transformers.float16.convert_float_to_float16",
+        "keep_io_types": True, "fp32_nodes": len(conversion.kept_fp32),
+        "fp32_reasons": _count_reasons(conversion.reasons)}}
+    return Candidate(graph, "onnx", "fp16", [conversion.path], meta)
+
+
+def _count_reasons(reasons: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for reason in reasons.values():
+        key = reason.split(" on calibration")[0] if "|output|" not in reason else \
+            "output magnitude above FP16-safe range on calibration data"
+        counts[key] = counts.get(key, 0) + 1
+    return counts

@@ -1,0 +1,162 @@
+"""The accuracy-controlled search as pure logic: which units go back to float.
+
+Units are ordered by a cheap proxy (error with only that unit in INT8) and a bisection over how
+many of the most sensitive revert decides on the real metric. Quantization errors of independent
+units add up nearly in quadrature, so this finds the float set in about log2(n) real evaluations.
+Nothing here imports onnx, openvino or torch: tests drive it with plain callables.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Collection, Mapping, Sequence
+
+
+@dataclass
+class Unit:
+    """What the accuracy search switches between INT8 and float as one: a quantized op, or the
+    ops that read the same activation quantizer (q/k/v projections of one LayerNorm output) —
+    one of them cannot go back to float alone while the quantizer stays for the others. With
+    ``granularity="block"`` a unit is a whole block (``/layers.2/blocks.3/...``)."""
+
+    name: str
+    op_type: str
+    quantizers: tuple[str, ...] = ()
+    weight: bool = False
+    members: tuple[str, ...] = ()
+
+
+def block_of(op_name: str, depth: int = 2) -> str:
+    """``/layers.2/blocks.3/mlp/fc1/MatMul`` → ``/layers.2/blocks.3`` (the module path's head)."""
+    parts = [p for p in op_name.split("/") if p]
+    return "/" + "/".join(parts[:depth]) if len(parts) > depth else op_name
+
+
+# -------------------------------------------------------------------------------------------------
+# Accuracy-controlled search
+# -------------------------------------------------------------------------------------------------
+@dataclass
+class SearchStep:
+    float_units: int
+    dice_mean: float
+    dice_min: float
+    passed: bool
+    seconds: float
+
+
+@dataclass
+class SearchResult:
+    """What the search decided and why (goes into the manifest and the report)."""
+
+    int8_units: list[str]
+    float_units: list[str]
+    sensitivity: dict[str, float]
+    steps: list[SearchStep] = field(default_factory=list)
+    passed: bool = False
+    summary: dict = field(default_factory=dict)
+    ranking_seconds: float = 0.0
+    search_seconds: float = 0.0
+    method: str = "search"
+
+    def describe(self, top: int = 25) -> dict:
+        ranked = sorted(self.sensitivity.items(), key=lambda kv: -kv[1])
+        total = sum(self.sensitivity.values())
+        return {
+            "method": self.method,
+            "passed": self.passed,
+            "units": len(self.int8_units) + len(self.float_units),
+            "int8_units": len(self.int8_units),
+            "float_units": self.float_units,
+            "most_sensitive": [{"op": name, "rel_err_sq": value,
+                                "share": value / total if total else 0.0}
+                               for name, value in ranked[:top]],
+            "steps": [asdict(s) for s in self.steps],
+            "ranking_seconds": self.ranking_seconds,
+            "search_seconds": self.search_seconds,
+        }
+
+
+def rank_units(units: Sequence[str], realize: Callable[[Collection[str]], Any],
+               proxy_error: Callable[[Any], float], steps=None) -> dict[str, float]:
+    """Squared relative output error with only one unit quantized, for every unit."""
+    scores = {}
+    iterator = units if steps is None else steps.track(units, "rank ops by INT8 error",
+                                                       total=len(units))
+    for name in iterator:
+        scores[name] = float(proxy_error(realize([name])))
+    return scores
+
+
+def accuracy_search(units: Sequence[str], realize: Callable[[Collection[str]], Any],
+                    measure: Callable[[Any], dict], passes: Callable[[dict], bool],
+                    sensitivity: Mapping[str, float], steps=None,
+                    max_evaluations: int = 10) -> tuple[Any, SearchResult]:
+    """Fewest float units (in sensitivity order) for which ``passes(measure(model))``.
+
+    Bisection over k, the number of most sensitive units reverted: k = 0 is full INT8, k = n is
+    the float model (passes by definition, never measured). Returns the passing model with the
+    smallest k found and the record; when even small k fail and evaluations run out, the best
+    passing model found so far (or the float-most one measured) is returned with ``passed`` set.
+    """
+    order = sorted(units, key=lambda u: -sensitivity.get(u, 0.0))
+    history: list[SearchStep] = []
+    start = time.perf_counter()
+    cache: dict[int, tuple[Any, dict, bool]] = {}
+
+    def evaluate(k: int):
+        if k in cache:
+            return cache[k]
+        t0 = time.perf_counter()
+        model = realize(order[k:])
+        summary = measure(model)
+        ok = bool(passes(summary))
+        history.append(SearchStep(k, summary["dice_mean"], summary["dice_min"], ok,
+                                  time.perf_counter() - t0))
+        if steps is not None:
+            steps.info(f"  {k:3d} units in float: mean Dice {summary['dice_mean']:.4f}, worst "
+                       f"{summary['dice_min']:.4f} → {'pass' if ok else 'fail'}")
+        cache[k] = (model, summary, ok)
+        return cache[k]
+
+    n = len(order)
+    lo, hi = -1, None  # lo: largest k known to fail; hi: smallest k known to pass
+    model, summary, ok = evaluate(0)
+    if ok:
+        hi = 0
+    else:
+        lo = 0
+        # Guess from the additive error model: revert until the remaining error falls to 1/4.
+        total = sum(sensitivity.get(u, 0.0) for u in order)
+        remaining, guess = total, 0
+        while guess < n and remaining > total / 16:
+            remaining -= sensitivity.get(order[guess], 0.0)
+            guess += 1
+        probe = max(1, min(guess, n - 1))
+        while len(history) < max_evaluations:
+            model, summary, ok = evaluate(probe)
+            if ok:
+                hi = probe
+            else:
+                lo = probe
+            if hi is None:
+                if probe >= n - 1:
+                    break
+                probe = min(n - 1, max(probe + 1, probe * 2))
+                continue
+            if hi - lo <= 1:
+                break
+            probe = (lo + hi) // 2
+    elapsed = time.perf_counter() - start
+    if hi is None:
+        k = max(cache)  # nothing passed: report the float-most measured model
+        model, summary, ok = cache[k]
+        passed = False
+    else:
+        k = hi
+        model, summary, ok = cache[k]
+        passed = True
+    result = SearchResult(int8_units=order[k:], float_units=order[:k],
+                          sensitivity=dict(sensitivity), steps=history, passed=passed,
+                          summary=summary, search_seconds=elapsed)
+    return model, result
