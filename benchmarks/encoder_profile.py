@@ -39,7 +39,9 @@ for path in (REPO, HERE):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from latency import bundle_or_export, cpu_flags, cpu_model, gemm_seconds, pick_image  # noqa: E402
+from samedge.runtime.cpu import cpu_name, isa_summary  # noqa: E402
+
+from workload import bundle_or_export, gemm_seconds, pick_image  # noqa: E402
 
 STAGES = (("stem", ("/patch_embed/", "/layers.0/")), ("stage 1", ("/layers.1/",)),
           ("stage 2", ("/layers.2/",)), ("stage 3", ("/layers.3/",)), ("neck", ("/neck/",)))
@@ -164,7 +166,7 @@ def run(args) -> None:
     from samedge.runtime.bundle import Bundle
     from samedge.runtime.transforms import preprocess
 
-    print(f"cpu       : {cpu_model()} ({cpu_flags()}), threads {args.threads}")
+    print(f"cpu       : {cpu_name()} ({isa_summary()}), threads {args.threads}")
     card = build_model("litemedsam")
     image_name, image = pick_image(args.image_index)
     tensor, _ = preprocess(image, card.preprocessing)

@@ -30,13 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +41,18 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from samedge.pipeline.timing import interleaved  # noqa: E402
+from samedge.runtime.cpu import cpu_name, isa_summary  # noqa: E402
+
+from workload import (  # noqa: E402
+    bundle_or_export,
+    count_flops,
+    gemm_seconds,
+    loadavg,
+    make_boxes,
+    pick_image,
+)
 
 RUNTIME_VARIANTS = {  # name → (backend, precision)
     "ORT FP32": ("onnxruntime", "fp32"),
@@ -54,118 +63,16 @@ EAGER = "PyTorch eager FP32"
 SETTLE_S = 0.05  # pause before each timed call so the previous variant's spinning threads idle
 
 
-# -- machine -------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "?"
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")
-    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512"
 
 
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
 
 
-# -- workload ------------------------------------------------------------------------------------
-def pick_image(index: int):
-    from samedge.data.bundled import bundled_slices
-
-    slices = bundled_slices()
-    chosen = slices[index]
-    return chosen.name, chosen.image
 
 
-def make_boxes(image: np.ndarray, count: int) -> np.ndarray:
-    """``count`` distinct boxes: auto_boxes' five, repeated with small deterministic shifts."""
-    from samedge.data.prompts import auto_boxes
-
-    base = auto_boxes(image).astype(np.float64)
-    height, width = image.shape[:2]
-    boxes = []
-    for i in range(count):
-        box = base[i % len(base)].copy()
-        shift = 3.0 * (i // len(base))
-        box += [shift, shift, -shift, -shift]
-        box[[0, 2]] = np.clip(box[[0, 2]], 0, width)
-        box[[1, 3]] = np.clip(box[[1, 3]], 0, height)
-        if box[2] <= box[0] or box[3] <= box[1]:
-            box = base[i % len(base)]
-        boxes.append(box)
-    return np.asarray(boxes, dtype=np.float32)
 
 
-def count_flops(fn, *modules) -> float:
-    """FLOPs (2 per multiply-add) that ``fn`` runs, counted by torch's FlopCounterMode.
-
-    Parameters of ``modules`` are frozen meanwhile: the counter's module tracker asserts on
-    parameters that require grad but come back without a grad_fn under no_grad."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            fn()
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-    return float(counter.get_total_flops())
-
-
-def gemm_seconds(size: int = 2048):
-    """One timed float32 ``torch.mm`` of size² × size² (threads set by the caller)."""
-    import torch
-
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
-    torch.mm(a, b)
-
-    def run():
-        start = time.perf_counter()
-        torch.mm(a, b)
-        return time.perf_counter() - start
-
-    return run, 2.0 * size**3
-
-
-def bundle_or_export(path: str | None):
-    """(bundle folder, temp dir to clean up or None): ``path`` itself, or a fresh LiteMedSAM
-    export (real weights, calibration-free) in a temporary folder."""
-    if path:
-        return Path(path), None
-    from samedge.data.bundled import bundled_slices
-    from samedge.export.exporter import export_bundle
-    from samedge.models import build_model
-
-    tmp = tempfile.TemporaryDirectory(prefix="samedge-bench-")
-    bundle = Path(tmp.name) / "bundle"
-    print("exporting a bundle (encoder + decoder, ONNX + OpenVINO IR) ...", flush=True)
-    started = time.perf_counter()
-    export_bundle(build_model("litemedsam"), bundle, [s.image for s in bundled_slices()[:2]])
-    print(f"  exported in {time.perf_counter() - started:.0f} s")
-    return bundle, tmp
 
 
 # -- variants ------------------------------------------------------------------------------------
@@ -270,7 +177,6 @@ def child_rss(args) -> None:
     boxes = make_boxes(image, args.boxes)
     if name == EAGER:
         import torch  # noqa: F401
-
         from samedge.models import build_model
 
         after_import = peak_rss_kib()
@@ -321,7 +227,7 @@ def run(args) -> None:
     from samedge.runtime.transforms import preprocess, transform_boxes
 
     print("== machine")
-    print(f"cpu       : {cpu_model()} ({cpu_flags()})")
+    print(f"cpu       : {cpu_name()} ({isa_summary()})")
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
     print(f"cores     : {os.cpu_count()} logical, {affinity} usable; threads used: {args.threads}")
     print(f"load avg  : {loadavg()} at start (other work shares these cores)")
@@ -403,45 +309,25 @@ def run(args) -> None:
 
     kinds = ["enc_bare", "set_image", "dec_bare_1", "predict_1", "dec_bare_n", "predict_n",
              "singles_n"]
-    samples = {(n, k): [] for n in names for k in kinds}
     gemm_run, gemm_flops = gemm_seconds()
-    gemm_samples = []
+    gemm_samples: list[float] = []
 
-    def one_round(record: bool, index: int):
-        order = names[index % len(names):] + names[: index % len(names)]
-        gemm = min(gemm_run() for _ in range(3))
-        for kind in kinds:
-            for name in order:
-                v = variants[name]
-                if kind == "enc_bare":
-                    fn = lambda: v.encode_bare(tensor)  # noqa: E731
-                elif kind == "set_image":
-                    fn = lambda: v.set_image(image)  # noqa: E731
-                elif kind == "dec_bare_1":
-                    fn = lambda: v.decode_bare(feeds[name][1])  # noqa: E731
-                elif kind == "predict_1":
-                    fn = lambda: v.predict(boxes[:1])  # noqa: E731
-                elif kind == "dec_bare_n":
-                    fn = lambda: v.decode_bare(feeds[name][16])  # noqa: E731
-                elif kind == "predict_n":
-                    fn = lambda: v.predict(boxes)  # noqa: E731
-                else:
-                    fn = lambda: [v.predict(boxes[i: i + 1]) for i in range(len(boxes))]  # noqa
-                time.sleep(SETTLE_S)
-                start = time.perf_counter()
-                fn()
-                elapsed = time.perf_counter() - start
-                if record:
-                    samples[(name, kind)].append(elapsed)
-        if record:
-            gemm_samples.append(gemm)
+    def calls_of(name: str) -> list:
+        v = variants[name]
+        return [lambda: v.encode_bare(tensor), lambda: v.set_image(image),
+                lambda: v.decode_bare(feeds[name][1]), lambda: v.predict(boxes[:1]),
+                lambda: v.decode_bare(feeds[name][16]), lambda: v.predict(boxes),
+                lambda: [v.predict(boxes[i: i + 1]) for i in range(len(boxes))]]
+
+    def gemm_probe() -> None:  # the machine's GEMM rate in each round, beside the variants
+        gemm_samples.append(min(gemm_run() for _ in range(3)))
 
     print(f"timing: {args.warmup} warm-up + {args.repeats} interleaved rounds ...", flush=True)
-    for i in range(args.warmup):
-        one_round(False, i)
-    for i in range(args.repeats):
-        one_round(True, i)
-        print(f"  round {i + 1}/{args.repeats} done (load {loadavg()})", flush=True)
+    timed = interleaved([calls_of(n) for n in names] + [[gemm_probe]], args.repeats,
+                        warmup=args.warmup, settle_s=SETTLE_S)
+    gemm_samples = gemm_samples[args.warmup:]
+    samples = {(n, k): timed[v][c] for v, n in enumerate(names) for c, k in enumerate(kinds)}
+    print(f"  done (load {loadavg()})", flush=True)
 
     rate = gemm_flops / statistics.median(gemm_samples)
     rate_best = gemm_flops / min(gemm_samples)
@@ -504,16 +390,19 @@ def run(args) -> None:
     print(f"== prompts per decoder call: one predict of {n} boxes, the runtime's decoder fed in "
           "calls of K boxes (decode_batch), per box (ms; median of interleaved rounds)")
     batches = sorted({1, 2, 4, 8, n})
-    sweep = {(name, k): [] for name in names if name != EAGER for k in batches}
-    for _ in range(max(3, args.repeats // 2)):
-        for name, k in sweep:
+    keys = [(name, k) for name in names if name != EAGER for k in batches]
+
+    def in_calls_of(name: str, k: int):
+        def call():
             decoder = variants[name].predictor.decoder
             default, decoder.decode_batch = getattr(decoder, "decode_batch", None), k
-            time.sleep(SETTLE_S)
-            start = time.perf_counter()
             variants[name].predict(boxes)
-            sweep[(name, k)].append(time.perf_counter() - start)
             decoder.decode_batch = default
+        return [call]
+
+    timed = interleaved([in_calls_of(*key) for key in keys], max(3, args.repeats // 2),
+                        warmup=0, settle_s=SETTLE_S)
+    sweep = {key: timed[i][0] for i, key in enumerate(keys)}
     print(f"{'variant':<22} " + " ".join(f"{'K=' + str(k):>8}" for k in batches)
           + "  runtime default")
     for name in names:

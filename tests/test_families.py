@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import upstream_layouts as ul  # tests/ is on sys.path (pytest's default rootdir-relative import)
 
 from samedge.errors import CheckpointError, FamilyMismatchError, KeyMismatchError
-from samedge.models import masam, medsa, samed
+from samedge.models import masam, medsa, medsa_blocks, samed
 from samedge.models.registry import FAMILY_NAMES
 from samedge.models.sam import SAM_PIXEL_MEAN, SAM_VARIANTS
 from samedge.models.vit_blocks import AdapterBlock, Encoder, SliceAdapterBlock
@@ -49,16 +49,8 @@ def _onnx_ops(module: torch.nn.Module, example: torch.Tensor) -> tuple[set[str],
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    return {
-        "base": _save(ul.sam_base(), d / "sam_tiny.pth"),
-        "samed": _save(ul.samed_file(), d / "epoch_159.pth"),
-        "samed_s": _save(ul.samed_file(decoder_lora=True), d / "samed_s.pth"),
-        "masam": _save(ul.masam_file(), d / "masam_epoch_159.pth"),
-        "medsa": _save(ul.medsa_checkpoint(ul.medsa_state()), d / "best_dice_checkpoint.pth"),
-        "dir": d,
-    }
+def files(tiny_checkpoints):
+    return tiny_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +65,12 @@ def masam_card(files):
 
 # -- upstream quirks ------------------------------------------------------------------------------
 def test_closest_numbers_reproduces_med_sa():
-    assert medsa.closest_numbers(96) == (8, 12)
-    assert medsa.closest_numbers(6) == (2, 3)
-    assert medsa.closest_numbers(7) == (1, 7)
-    assert medsa.closest_numbers(4) == (1, 4)  # the search never yields (a, a)
+    assert medsa_blocks.closest_numbers(96) == (8, 12)
+    assert medsa_blocks.closest_numbers(6) == (2, 3)
+    assert medsa_blocks.closest_numbers(7) == (1, 7)
+    assert medsa_blocks.closest_numbers(4) == (1, 4)  # the search never yields (a, a)
     with pytest.raises(ValueError):
-        medsa.closest_numbers(1)  # upstream loops forever
+        medsa_blocks.closest_numbers(1)  # upstream loops forever
 
 
 def test_samed_substring_rule_picks_by_digit_not_by_block():
@@ -363,7 +355,7 @@ def test_medsa_3d_regroup_mixes_windows_and_slices_like_upstream():
 
     depth, windows, c = 6, 4, 3
     x = torch.arange(depth * windows * 2 * 2 * c, dtype=torch.float32).reshape(depth * windows, 2, 2, c)
-    regroup = DepthRegroup(depth, medsa.closest_numbers(depth), (2, 2), c)
+    regroup = DepthRegroup(depth, medsa_blocks.closest_numbers(depth), (2, 2), c)
     grouped = regroup.to_depth(x)  # (groups·h·w, dh, dw, c)
     for i in range(depth * windows):  # loop form of '(b d) h w c -> (b h w) d c'
         group, d = divmod(i, depth)

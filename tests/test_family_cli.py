@@ -15,7 +15,6 @@ import io
 import json
 import re
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -38,15 +37,9 @@ from samedge.models.reference import TorchReference
 from samedge.models.samed import SAMED_CT_WINDOW
 from samedge.runtime import Predictor
 
-SMALL = replace(ul.TINY, depth=3)  # width 64, 2 heads, block 2 global; SAM base at 256
+SMALL = ul.SMALL
 MASAM_DEPTH, MEDSA_DEPTH = 3, 4
 AGREEMENT = 0.999
-
-
-def _audible(state: dict, gain: float = 50.0) -> dict:
-    """Scale the hypernetwork heads so random decoders give O(1) logits and real label maps."""
-    head = re.compile(r"mask_decoder\.output_hypernetworks_mlps\.\d+\.layers\.2\.")
-    return {k: v * gain if head.match(k) else v for k, v in state.items()}
 
 
 def _run(*argv: str) -> tuple[int, str, str]:
@@ -62,18 +55,8 @@ def _dicom(name: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("family_ckpt")
-    files = {
-        "base": ul.sam_base(SMALL),
-        "samed": _audible(ul.samed_file(SMALL, image_size=128)),
-        "masam": _audible(ul.masam_file(SMALL, image_size=128)),
-        "medsa3d": ul.medsa_checkpoint(_audible(ul.medsa_state(SMALL, rel="rel_pos",
-                                                               rel_values="random"))),
-    }
-    for name, obj in files.items():
-        torch.save(obj, d / f"{name}.pth")
-    return {name: d / f"{name}.pth" for name in files}
+def ckpt(small_checkpoints) -> dict[str, Path]:
+    return small_checkpoints
 
 
 @pytest.fixture(scope="module")

@@ -7,49 +7,13 @@ original by ~5e-6 (encoder embeddings) and ~5e-5 (decoder logits), inside the de
 (see ``tests/test_rewrites.py``). Modules that are not recognised are returned unchanged, so SAM
 ViT encoders, semantic decoders and Med-SA's decoder export exactly as before.
 
-What each rewrite bought was measured with OpenVINO 2026.4 FP32 and ONNX Runtime 1.31 on the
-2-core AVX2 machine of ``benchmarks/latency.py`` (shared cores: figures are medians of interleaved
-runs, given as ratios taken in one run):
-
-TinyViT encoder (``rewrite_tinyvit``), ~10 % less encoder time than the plain export in OpenVINO,
-~15 % in ONNX Runtime:
-  * window attention computes LayerNorm + q/k/v on the H×W tokens *before* padding to whole
-    windows (upstream pads first, so 8–20 % of those projections ran on padding), with
-    the LayerNorm affine and the attention scale folded into the q/k/v weights, q/k/v as three
-    projections (no VariadicSplit of a fused qkv, which OpenVINO runs as a reference kernel),
-    the key bias dropped (a per-query constant, softmax removes it) and the value bias moved
-    into the output projection (attention rows sum to 1). With no k/v bias, zero padding *is*
-    the padded tokens' k and v, so ``F.pad`` stays exact. The output projection runs after the
-    crop, on real tokens only.
-  * tokens ↔ NCHW around the depthwise ``local_conv`` and after ``PatchMerging`` are written
-    reshape-then-permute (``(B,L,C)→(B,H,W,C)→(B,C,H,W)``), so OpenVINO cancels the Transpose
-    against its own NHWC reorder instead of copying twice (upstream's transpose-then-reshape
-    order left a Transpose plus a Reorder per block).
-  * BatchNorm is folded into every ``Conv2d_BN`` (``Conv2d_BN.fuse`` arithmetic). torch's ONNX
-    exporter already folds eval-mode BatchNorm, so this buys nothing in the graph; it is here
-    because the rewritten blocks hold plain convolutions.
-
-Prompt decoder (``FastPromptDecoder``), ~1.8× faster than the plain export for one box and
-~2.2× per box for 16 boxes in one call (OpenVINO):
-  * image-side attention is re-associated so that no (HW × C) tensor is ever projected per
-    prompt: token→image scores are ``(q Wk) · keysᵀ`` and values ``(A · keys) Wvᵀ``;
-    image→token scores are ``keys · (Wqᵀ kᵀ)`` and the output ``A · (v Woᵀ)``. With T = 7
-    tokens and 8 heads each is a (HW × C) × (C × 56) product instead of (HW × C) × (C × 128)
-    plus a (HW × 128) × (128 × C) one: 3.6 → ~1.8 GFLOP per box.
-  * the dense mask embedding is one 1×1 convolution (16 → 256) of the mask features, so the
-    keys start as ``image + no_mask + (has·f) W_m + has·(b_m − no_mask)``: a rank-16 product on
-    channels-last features instead of a 256-channel NCHW embedding transposed per prompt.
-  * tried and dropped: hoisting layer 0's image-only key/value projections out of the prompt
-    batch. After re-association that attention costs 2·(8T)·C·HW per prompt, the hoisted
-    projections 2·128·C·HW once, so hoisting only pays for B·T > 16: measured +7 % speed at
-    B = 16 but −10 % at B = 1 (per box), and one box at a time is the interactive case.
-  * image→token scores are laid out (B, heads·T, HW) so the dynamic token axis is the matmul's
-    M: with it as N OpenVINO fell back from brgemm to a generic gemm plus a reorder (~4× slower
-    for that product).
-  * the two 2×2/stride-2 ConvTranspose of the upscaler are per-pixel matmuls on channels-last
-    tokens (no NCHW transpose of the 64×64×256 embedding), with LayerNorm2d as a real
-    LayerNormalization over the last axis; the mask product is taken in that pixel order and
-    shuffled back to (B, K, 4h, 4w) on the small K-channel result.
+TinyViT encoder (``rewrite_tinyvit``): LayerNorm + q/k/v before padding to whole windows, q/k/v
+as three projections with the LayerNorm affine and attention scale folded in, no key bias, value
+bias moved into the output projection, reshape-then-permute token layouts, BatchNorm folded.
+Prompt decoder (``FastPromptDecoder``): image-side attention re-associated so no (HW × C)
+tensor is projected per prompt, the dense mask embedding as one rank-16 product, image→token
+scores laid out with the prompt axis as the matmul's M, the upscaler as channels-last matmuls.
+What each rewrite bought, and what was tried and dropped, is in ``docs/performance.md``.
 """
 
 from __future__ import annotations

@@ -17,20 +17,22 @@ import numpy as np
 from samedge.data.items import Item, centre
 from samedge.data.slices import Slice
 from samedge.export.bundle import BundleWriter, write_json_atomic
+from samedge.pipeline.timing import interleaved
 from samedge.progress import Steps
 from samedge.quantize.build import MANIFEST_KEEP, BuildResult, build_variants
 from samedge.quantize.calibset import CalibrationSet
 from samedge.quantize.candidates import SearchOptions
 from samedge.runtime.bundle import MANIFEST_NAME, Bundle
+from samedge.runtime.cpu import int8_instructions
 from samedge.runtime.predictor import Predictor
 from samedge.validation.drift import VariantDrift
 from samedge.validation.gate import GateResult, GateSet
 from samedge.validation.validate import GRAPHS, variant_label
 
 # -- pipeline -------------------------------------------------------------------------------------
-# `samedge pipeline`'s INT8 budget on 2 cores: 16 calibration slices, whole blocks as search units
-# ranked on 1 slice, 4 tuning slices, at most 8 real evaluations per graph (205 s for LiteMedSAM's
-# encoder and decoder, measured on shared cores; see README). `samedge build` defaults to per-op
+# `samedge pipeline`'s INT8 budget: 16 calibration slices, whole blocks as search units ranked on
+# 1 slice, 4 tuning slices, at most 8 real evaluations per graph (its cost on LiteMedSAM is in
+# docs/performance.md). `samedge build` defaults to per-op
 # units, 2 ranking slices, 8 tuning slices and the calibration set recorded by `calibrate`.
 PIPELINE_CALIBRATION = 16
 
@@ -82,20 +84,6 @@ class PipelineQuantization:
         return {r.label: r.encoder_s for r in self.rows if r.encoder_s is not None}
 
 
-def int8_instructions() -> list[str]:
-    """CPU features that make INT8 fast on CPU (x86 VNNI/AMX), from /proc/cpuinfo (Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-    return sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "avx_vnni_int8", "asimddp",
-                           "i8mm"})
-
-
 def first_interaction(predictor: Predictor, item: Item) -> tuple[Callable, Callable]:
     """(encode, decode) of a first interaction with ``item``: ``set_image`` (``set_volume`` of a
     stack for depth models), then one box on it (prompt families) or one ``segment()`` call."""
@@ -118,21 +106,9 @@ def time_variants(bundle: Bundle, rows: Sequence[VariantRow], item: Item,
     calls = [first_interaction(Predictor(bundle, backend=r.backend, precision=r.encoder,
                                          threads=threads, decoder_precision=r.decoder), item)
              for r in rows]
-    for encode, decode in calls:  # warm-up
-        encode()
-        decode()
-    encoder: list[list[float]] = [[] for _ in rows]
-    decoder: list[list[float]] = [[] for _ in rows]
-    for _ in range(repeats):
-        for i, (encode, decode) in enumerate(calls):
-            t0 = time.perf_counter()
-            encode()
-            t1 = time.perf_counter()
-            decode()
-            encoder[i].append(t1 - t0)
-            decoder[i].append(time.perf_counter() - t1)
-    for row, enc, dec in zip(rows, encoder, decoder):
-        row.encoder_s, row.decoder_s = float(np.median(enc)), float(np.median(dec))
+    samples = interleaved(calls, repeats)
+    for row, (encoder, decoder) in zip(rows, samples):
+        row.encoder_s, row.decoder_s = float(np.median(encoder)), float(np.median(decoder))
 
 
 def drop_variants(bundle_path: Path, keys: Sequence[tuple[str, str, str]],

@@ -7,7 +7,6 @@ the whole path working, with numbers, and no download.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -22,8 +21,9 @@ from samedge.export.bundle import write_json_atomic
 from samedge.export.exporter import export_bundle
 from samedge.models import build_model
 from samedge.models.card import ModelCard
+from samedge.pipeline.timing import interleaved
 from samedge.progress import Steps
-from samedge.runtime.bundle import MANIFEST_NAME, Bundle
+from samedge.runtime.bundle import MANIFEST_NAME, NATIVE_FORMAT, Bundle
 from samedge.runtime.predictor import Predictor
 from samedge.validation.drift import SemanticDrift, VariantDrift, measure_drift
 
@@ -83,27 +83,20 @@ def time_variant(bundle: Bundle, backend: str, precision: str,
     predictor = Predictor(bundle, backend=backend, precision=precision, threads=threads)
     if predictor.depth > 1:
         stack = list(image)
-        encode, centre = (lambda: predictor.set_volume(stack)), stack[len(stack) // 2]
+        encode, middle = (lambda: predictor.set_volume(stack)), stack[len(stack) // 2]
     else:
-        encode, centre = (lambda: predictor.set_image(image)), image
+        encode, middle = (lambda: predictor.set_image(image)), image
 
-    def median(fn) -> float:
-        fn()
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-        return float(np.median(samples))
-
-    encoder = median(encode)
+    calls = [encode]
     if predictor.semantic:
-        return Latency(encoder, decoder_s=median(predictor.segment),
-                       slices_per_call=len(predictor.embeddings))
-    boxes = np.tile(auto_boxes(centre), (4, 1))[:16]
-    one = median(lambda: predictor.predict(boxes=boxes[0]))
-    many = median(lambda: predictor.predict(boxes=boxes))
-    return Latency(encoder, one, many / len(boxes))
+        calls.append(predictor.segment)
+    else:
+        boxes = np.tile(auto_boxes(middle), (4, 1))[:16]
+        calls += [lambda: predictor.predict(boxes=boxes[0]), lambda: predictor.predict(boxes=boxes)]
+    medians = [float(np.median(s)) for s in interleaved([calls], repeats)[0]]
+    if predictor.semantic:
+        return Latency(medians[0], decoder_s=medians[1], slices_per_call=len(predictor.embeddings))
+    return Latency(medians[0], medians[1], medians[2] / len(boxes))
 
 
 def run_pipeline(
@@ -153,7 +146,7 @@ def run_pipeline(
                                                          threads)
     for artifact in manifest["artifacts"]:
         for (backend, precision), result in drift.items():
-            fmt = "onnx" if backend == "onnxruntime" else "openvino_ir"
+            fmt = NATIVE_FORMAT[backend]
             if artifact["format"] == fmt and artifact["precision"] == precision:
                 artifact.setdefault("validation", {})[backend] = {
                     **({"stacks": [[s.name for s in st] for st in stacks]} if depth > 1

@@ -32,13 +32,12 @@ from samedge.quantize.candidates import (
     encoder_proxy,
     feeds_for,
     quiet_tools,
-    run_backend,
 )
 from samedge.quantize.openvino_nncf import (
     NncfConfig,
 )
 from samedge.runtime.backends import open_backend
-from samedge.runtime.bundle import MANIFEST_NAME, Bundle
+from samedge.runtime.bundle import MANIFEST_NAME, NATIVE_FORMAT, Bundle, backend_for
 from samedge.validation.gate import Gate, GateSet
 from samedge.validation.rebuild import reference_card
 from samedge.validation.records import WorstKeeper, validation_entry
@@ -50,11 +49,11 @@ PRECISIONS = ("int8", "fp16")
 
 # Backend → (artifact format written, backend that executes it for validation here).
 TARGETS = {
-    "openvino": {"int8": "openvino_ir", "fp16": "openvino_ir"},
-    "onnxruntime": {"int8": "onnx", "fp16": "onnx"},
+    "openvino": {p: NATIVE_FORMAT["openvino"] for p in PRECISIONS},
+    "onnxruntime": {p: NATIVE_FORMAT["onnxruntime"] for p in PRECISIONS},
     # TensorRT builds its engines from these ONNX graphs on the target; here they are validated
     # on ONNX Runtime (no TensorRT builder can be installed on this machine).
-    "tensorrt": {"int8": "onnx", "fp16": "onnx"},
+    "tensorrt": {p: NATIVE_FORMAT["onnxruntime"] for p in PRECISIONS},
 }
 
 
@@ -150,7 +149,7 @@ def build_variants(
     policy = prompts or PromptPolicy(clicks=bundle.model.get("prompt") == "points")
     validation = list(validation) if validation is not None else read_items(None, int(bundle.model.get("depth", 1)))
     fmt = TARGETS[backend][precision]
-    measure_backend = run_backend(fmt)
+    measure_backend = backend_for(fmt)
     timings: dict[str, float] = {}
 
     with steps.step(f"FP32 PyTorch reference on {len(validation)} validation slices"):

@@ -29,12 +29,10 @@ from samedge.data.sampling import iter_calibration_slices
 from samedge.data.slices import Slice
 from samedge.data.windows import Window
 from samedge.errors import DataSourceError, ImageError
+from samedge.runtime.prompts import sparse_prompt
 from samedge.runtime.transforms import (
     ImageFrame,
     Preprocessing,
-    check_points,
-    transform_boxes,
-    transform_points,
 )
 
 
@@ -231,16 +229,13 @@ class CalibrationSet:
 
 def decoder_prompts(item: Slice, frame: ImageFrame, pre: Preprocessing, prompts: PromptPolicy,
                     max_prompts: int = 16) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(coords (B, N, 2), labels (B, N)) in the model frame, as the Predictor builds them."""
+    """(coords (B, N, 2), labels (B, N)) in the model frame, built by the Predictor's own
+    :func:`~samedge.runtime.prompts.sparse_prompt`: the boxes, then (point-trained families)
+    one centre click per box."""
     prompt = prompts.prompt_set(item)
-    boxes = prompt.boxes[:max_prompts]
-    corners = transform_boxes(boxes, frame, pre)
-    labels = np.broadcast_to(np.float32([2, 3]), (len(boxes), 2))
-    yield np.ascontiguousarray(corners, np.float32), np.ascontiguousarray(labels, np.float32)
+    coords, labels, _ = sparse_prompt(None, None, prompt.boxes[:max_prompts], frame, pre)
+    yield coords, labels
     if prompt.clicks is not None:
         clicks = prompt.model_clicks(pre)[:max_prompts]
-        points, marks = check_points(clicks, np.ones(clicks.shape[:2]), frame, pre)
-        coords = np.concatenate([transform_points(points, frame, pre),
-                                 np.zeros((len(points), 1, 2), np.float32)], axis=1)
-        labels = np.concatenate([marks, np.full((len(points), 1), -1.0, np.float32)], axis=1)
-        yield np.ascontiguousarray(coords, np.float32), np.ascontiguousarray(labels, np.float32)
+        coords, labels, _ = sparse_prompt(clicks, np.ones(clicks.shape[:2]), None, frame, pre)
+        yield coords, labels

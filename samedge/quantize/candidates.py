@@ -35,10 +35,6 @@ from samedge.validation.gate import SEARCH_TARGET, Gate, GateResult
 from samedge.validation.references import Measured
 
 
-def run_backend(fmt: str) -> str:
-    return "openvino" if fmt == "openvino_ir" else "onnxruntime"
-
-
 # -------------------------------------------------------------------------------------------------
 # Options and results
 # -------------------------------------------------------------------------------------------------

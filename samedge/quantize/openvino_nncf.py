@@ -35,7 +35,7 @@ class NncfConfig:
 
     SmoothQuant and bias correction are off by default: both rewrite float weights/biases around
     a quantized op, so reverting that op to float in the accuracy search would leave the rewrite
-    behind; measured on LiteMedSAM they changed the all-INT8 embedding error by < 2 %.
+    behind (their measured effect on LiteMedSAM is in docs/performance.md).
     """
 
     preset: str = "mixed"

@@ -24,6 +24,13 @@ BACKEND_FORMATS = {
     "openvino": ("openvino_ir", "onnx"),
     "tensorrt": ("tensorrt_engine",),
 }
+# Each backend's own format (the first it reads): where its reduced precisions live.
+NATIVE_FORMAT = {backend: formats[0] for backend, formats in BACKEND_FORMATS.items()}
+
+
+def backend_for(fmt: str) -> str:
+    """The backend that runs an artifact of format ``fmt`` natively (ONNX: ONNX Runtime)."""
+    return next(b for b, native in NATIVE_FORMAT.items() if native == fmt)
 
 
 def sha256_file(path: Path) -> str:

@@ -9,20 +9,14 @@ import numpy as np
 
 from samedge.errors import PromptError, StackDepthError
 from samedge.runtime.backends import installed, open_backend
-from samedge.runtime.bundle import Bundle
+from samedge.runtime.bundle import BACKEND_FORMATS, Bundle
+from samedge.runtime.prompts import sparse_prompt
 from samedge.runtime.transforms import (
     ImageFrame,
-    check_boxes,
-    check_points,
     preprocess,
     preprocess_stack,
-    transform_boxes,
-    transform_points,
     upscale_logits,
 )
-
-BOX_LABELS = np.array([2.0, 3.0], dtype=np.float32)  # SAM's top-left / bottom-right corner labels
-PAD_LABEL = -1.0
 
 
 @dataclass
@@ -56,9 +50,8 @@ def choose_variant(bundle: Bundle, backend: str | None, precision: str | None,
         backend = default.get("backend")
         if backend is None or not installed(backend):
             formats = {a["format"] for a in bundle.artifacts}
-            backend = next((b for b, fmt in (("onnxruntime", "onnx"), ("openvino", "openvino_ir"),
-                                             ("openvino", "onnx"))
-                            if fmt in formats and installed(b)), "onnxruntime")
+            backend = next((b for b, readable in BACKEND_FORMATS.items()
+                            if formats & set(readable) and installed(b)), "onnxruntime")
     if precision is None:
         if default.get("backend") == backend:
             precision = default.get("precision", "fp32")
@@ -194,9 +187,8 @@ class Predictor:
                 hint="for prompt-free segmentation use a semantic family (SAMed, MA-SAM)",
             )
         mask_count = np.shape(mask_input)[0] if np.ndim(mask_input) == 4 else 1
-        coords, labels, batched = self._prompt_points(
-            point_coords, point_labels, boxes, frame, mask_count
-        )
+        coords, labels, batched = sparse_prompt(point_coords, point_labels, boxes, frame,
+                                                self.pre, mask_count)
         count = coords.shape[0]
         mask, has_mask = self._mask_prompt(mask_input, count)
         outputs = self._decode({
@@ -231,43 +223,6 @@ class Predictor:
                                    for name, value in feed.items()})
                  for start in range(0, count, step)]
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-
-    def _prompt_points(self, point_coords, point_labels, boxes, frame, mask_count):
-        """Build SAM's sparse prompt: points, then box corners (labels 2, 3), or a pad point.
-
-        Without a box SAM appends one padding point (label -1); a mask-only prompt is that pad.
-        """
-        if point_coords is None and point_labels is not None:
-            raise PromptError("point_labels given without point_coords")
-        parts_xy, parts_label, batched = [], [], False
-        count = mask_count if point_coords is None and boxes is None else None
-        if point_coords is not None:
-            if point_labels is None:
-                raise PromptError("point_coords need point_labels (1 foreground, 0 background)")
-            batched = np.ndim(point_coords) == 3
-            points, labels = check_points(point_coords, point_labels, frame, self.pre)
-            parts_xy.append(transform_points(points, frame, self.pre))
-            parts_label.append(labels)
-            count = points.shape[0]
-        if boxes is not None:
-            array = check_boxes(boxes, frame)
-            batched = batched or np.ndim(boxes) == 2
-            if count not in (None, 1, array.shape[0]):
-                raise PromptError(
-                    f"{count} point prompts cannot pair with {array.shape[0]} boxes",
-                    hint="give one point set per box, or one shared point set",
-                )
-            count = array.shape[0]
-            parts_xy = [np.broadcast_to(p, (count, *p.shape[1:])) for p in parts_xy]
-            parts_label = [np.broadcast_to(p, (count, *p.shape[1:])) for p in parts_label]
-            parts_xy.append(transform_boxes(array, frame, self.pre))
-            parts_label.append(np.broadcast_to(BOX_LABELS, (count, 2)))
-        else:
-            parts_xy.append(np.zeros((count, 1, 2), np.float32))
-            parts_label.append(np.full((count, 1), PAD_LABEL, np.float32))
-        coords = np.ascontiguousarray(np.concatenate(parts_xy, axis=1), dtype=np.float32)
-        labels = np.ascontiguousarray(np.concatenate(parts_label, axis=1), dtype=np.float32)
-        return coords, labels, batched
 
     def _mask_prompt(self, mask_input, count):
         size = self.pre.mask_size

@@ -158,10 +158,8 @@ def _blas_pools():
 
 
 def one_blas_thread():
-    """Run numpy's small matrix products on one thread. OpenBLAS's workers busy-wait after a
-    call, and the engine call that follows (on the same 2 cores) ran ~50 ms slower for it:
-    ONNX Runtime's LiteMedSAM encoder took 814 ms after a multi-threaded resize, 765 ms after a
-    single-threaded one, 761 ms alone. The resize itself costs ~3 ms more on one thread."""
+    """Run numpy's small matrix products on one thread: OpenBLAS's workers busy-wait after a
+    call and slow the engine call that follows on the same cores (docs/performance.md)."""
     return _blas_pools().limit(limits=1)
 
 
@@ -373,9 +371,8 @@ def upscale_logits(low_res: np.ndarray, frame: ImageFrame, pre: Preprocessing) -
 
     Each axis is resampled by gathering and blending whole rows (the maps have 2–4 taps per
     output pixel), the columns on a transposed copy of the small input: 16 masks at 512² take a
-    few milliseconds each instead of the ~3 GFLOP of two dense matrix products per mask. The
-    batch goes through one item at a time: all at once, its intermediates outgrow the cache
-    (16 masks at 512²: 21 ms at once, 12 ms item by item).
+    few milliseconds each instead of two dense matrix products per mask. The batch goes through
+    one item at a time: all at once, its intermediates outgrow the cache.
     """
     low = low_res.astype(np.float32, copy=False)
     out = np.empty((*low.shape[:-2], *frame.original_hw), dtype=np.float32)

@@ -11,7 +11,7 @@ from samedge.data.prompts import PromptPolicy
 from samedge.data.windows import Window, normalize_window
 from samedge.errors import DataSourceError
 from samedge.progress import Steps
-from samedge.runtime.bundle import Bundle
+from samedge.runtime.bundle import NATIVE_FORMAT, Bundle
 from samedge.validation.gate import GateSet
 from samedge.validation.rebuild import reference_card
 from samedge.validation.records import WorstKeeper, validation_entry
@@ -105,7 +105,8 @@ def bundle_variants(bundle: Bundle) -> list[tuple[str, str, str]]:
     have = {(a["graph"], a["format"], a["precision"]) for a in bundle.artifacts}
     order = {"fp32": 0, "fp16": 1, "int8": 2}
     out = []
-    for backend, fmt in (("onnxruntime", "onnx"), ("openvino", "openvino_ir")):
+    for backend in ("onnxruntime", "openvino"):  # the backends validated on CPU
+        fmt = NATIVE_FORMAT[backend]
         readable = BACKEND_FORMATS[backend]
 
         def runs(graph: str, precision: str) -> bool:

@@ -10,12 +10,8 @@ import onnxruntime as ort
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
-    # Prompts per decoder call the Predictor sends (it splits larger batches). LiteMedSAM on a
-    # 2-core AVX2 CPU, 16 boxes, per box: 22.6 ms in calls of 1 or 2, 23.1 in calls of 4,
-    # 24.5-24.8 in calls of 8 or 16 (each box carries 64x64x256 intermediates); a later run gave
-    # 25.5 (K=1), 25.9 (K=2), 27.5-28.8 (K=4..16). Calls of one are never slower, so one call of
-    # 16 costs what 16 single calls cost, at the smallest peak memory. OpenVINO showed the
-    # opposite (27.2 ms singly, 25.8 batched), so it takes whole batches.
+    # Prompts per decoder call the Predictor sends (it splits larger batches): calls of one
+    # were never slower here and keep peak memory lowest (docs/performance.md).
     decode_batch = 1
 
     def __init__(self, path: Path, threads: int | None = None):

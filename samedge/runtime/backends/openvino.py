@@ -5,12 +5,10 @@ bf16 silently, and the drift gate validated f32 arithmetic (FP16 IR only halves 
 
 Graphs with dynamic inputs (the decoder's prompt batch B and point count N) are also compiled
 for each concrete input shape they meet, a few kept at a time: OpenVINO's static-shape plans
-fuse more (LayerNorm affine, eltwise chains) and skip per-call shape inference, which made the
-LiteMedSAM decoder ~10 % faster for one box on a 2-core AVX2 CPU. Only small prompt batches get
-one (B·N ≤ 8): for 16 boxes the gain was ~6 % for ~450 MB more peak memory, so large batches
-keep the single dynamic plan. A shape is compiled the second time it is seen (~0.3 s, once):
-one-off shapes never pay it; until then the dynamic plan compiled at load time (which also
-validates the graph up front) serves them.
+fuse more (LayerNorm affine, eltwise chains) and skip per-call shape inference. Only small prompt
+batches get one (B·N ≤ 8): large batches gain little for much more memory (figures in
+docs/performance.md). A shape is compiled the second time it is seen: one-off shapes never pay
+it; until then the dynamic plan compiled at load time (which also validates the graph) serves.
 """
 
 from __future__ import annotations
