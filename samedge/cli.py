@@ -24,8 +24,8 @@ console = Console(width=None if sys.stdout.isatty() else 132)
 # Kept as literals so `samedge info` and `predict` start without importing torch;
 # tests/test_cli.py checks they match samedge.models.FAMILIES.
 FAMILY_NAMES = ("litemedsam", "sam", "medsam", "samed", "medsa", "masam")
-MODEL_OPTIONS = ("checkpoint", "base", "variant", "image_size", "num_classes", "depth", "era",
-                 "rank", "scale")
+MODEL_OPTIONS = ("checkpoint", "base", "variant", "image_size", "input_size", "num_classes",
+                 "depth", "era", "rank", "scale")
 
 
 def _model_options(args) -> dict:
@@ -46,6 +46,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                              "(samed, masam, medsa sam_lora)")
     parser.add_argument("--variant", help="SAM size vit_b|vit_l|vit_h; SAMed samed|samed_h|samed_s")
     parser.add_argument("--image-size", type=int, help="input size the adaptation was trained at")
+    parser.add_argument("--input-size", type=int,
+                        help="SAMed: test.py's --input_size, zoomed to before --image-size (224)")
     parser.add_argument("--num-classes", type=int,
                         help="semantic classes (default: inferred from the checkpoint)")
     parser.add_argument("--depth", type=int, help="adjacent slices per encoder call (3D models)")
@@ -262,7 +264,7 @@ def cmd_predict(args, steps) -> int:
         written = save_label_outputs(image.image, labels, args.out)
         for path in written:
             console.print(escape(f"wrote {path}"))
-        classes = result.logits.shape[1]
+        classes = result.scores.shape[1]
         values, counts = np.unique(labels, return_counts=True)
         present = ", ".join(f"{v} ({c / labels.size:.1%})" for v, c in zip(values, counts))
         console.print(escape(f"label map of {image.name}: {classes} classes (0 = background); "

@@ -123,10 +123,10 @@ def build_sam(
     if record_config is not None:
         record["config"] = asdict(config)
     model.eval()
-    pre = Preprocessing(
+    pre = Preprocessing(  # SamPredictor: ResizeLongestSide (Pillow), mean/std, pad; logits > 0
         image_size=config.image_size,
         resize="longest_side",
-        interpolation="triangle_aa",
+        interpolation="pil_bilinear",
         normalize="mean_std",
         pixel_mean=SAM_PIXEL_MEAN,
         pixel_std=SAM_PIXEL_STD,
@@ -147,14 +147,19 @@ def build_medsam(checkpoint: str | Path | None = None, config: SamConfig | None 
     model = sam_modules(config)
     record = _load(model, checkpoint, "MedSAM (SAM ViT-B)")
     model.eval()
-    pre = Preprocessing(
+    pre = Preprocessing(  # MedSAM_Inference.py
         image_size=config.image_size,
         resize="stretch",
-        interpolation="triangle_aa",
+        interpolation="skimage_cubic",
+        resized_cast="truncate",
         normalize="minmax",
         mask_size=4 * config.grid,
+        mask_path="direct",
+        mask_resize="probabilities",
+        mask_threshold=0.5,
     )
     return ModelCard("medsam", "vit_b", model, pre, prompt="boxes", multimask_default=False,
                      checkpoint=record,
-                     notes=["resize approximates MedSAM's skimage order-3 resize with "
-                            "antialiased bilinear"])
+                     notes=["MedSAM_Inference.py: skimage resize to 1024² (order 3, anti-aliased), "
+                            "truncated to uint8, min-max; masks: sigmoid of the 256² logits, "
+                            "bilinear to the image, > 0.5"])
