@@ -217,6 +217,19 @@ def _check_fits(state: dict, base_config: SamConfig, rank: int | None, path) -> 
     return r, int(down.shape[0])
 
 
+def masam_preprocessing(image_size: int) -> Preprocessing:
+    """MA_SAM/test.py: HU window → ×255/450 → float32 standardised with the BTCV mean/std →
+    min-max over the slice stack → zoom (order 3) only where the slice is not the input size;
+    labels: softmax zoomed back with order 3, argmax."""
+    return Preprocessing(
+        image_size=image_size, resize="stretch", interpolation="spline3",
+        normalize="standardize_minmax", pixel_mean=(MASAM_DATA_MEAN,) * 3,
+        pixel_std=(MASAM_DATA_STD,) * 3, normalize_stage="before_resize", minmax_scope="stack",
+        round_resized=False, source="float", mask_size=image_size, ct_window=MASAM_CT_WINDOW,
+        mask_resize="probabilities", mask_interpolation="spline3",
+    )
+
+
 def build_masam(
     base: str | Path,
     checkpoint: str | Path,
@@ -261,13 +274,7 @@ def build_masam(
     from samedge.export.merge import merge_masam
 
     model = merge_masam(reference) if merged else reference
-    pre = Preprocessing(  # test.py: window → ×255/450 → standardise → min-max over the stack
-        image_size=image_size, resize="stretch", interpolation="spline3",
-        normalize="standardize_minmax", pixel_mean=(MASAM_DATA_MEAN,) * 3,
-        pixel_std=(MASAM_DATA_STD,) * 3, normalize_stage="before_resize", minmax_scope="stack",
-        round_resized=False, source="float", mask_size=image_size, ct_window=MASAM_CT_WINDOW,
-        mask_resize="probabilities", mask_interpolation="spline3",
-    )
+    pre = masam_preprocessing(image_size)
     return ModelCard(
         "masam", variant_name(base_config), model, pre, prompt="none", multimask_default=True,
         decoder="semantic", depth=depth, reference=reference,
