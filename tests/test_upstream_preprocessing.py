@@ -65,7 +65,7 @@ def test_sam_matches_resize_longest_side(real_slices):
     pre = sam_preprocessing(VIT_B)
     for item in real_slices:
         got, _ = preprocess(item.image, pre)
-        assert _worst(got, up.sam_input(item.image)) <= 1e-4, item.name  # /58: float32 of 1e-5
+        assert _worst(got, up.sam_input(item.image)) <= TOL, item.name
 
 
 def test_medsam_matches_skimage_resize(real_slices):
@@ -82,8 +82,7 @@ def test_medsa_2d_matches_torchvision_on_pil(real_slices, era):
     pre = medsa_preprocessing(VIT_B, era, depth=1)
     for item in real_slices:
         got, _ = preprocess(item.image, pre)
-        tol = TOL if era == "legacy" else 1e-4  # 2025 divides 0–255 by ~58 in float32
-        assert _worst(got, up.medsa_2d_input(item.image, 1024, era)) <= tol, item.name
+        assert _worst(got, up.medsa_2d_input(item.image, 1024, era)) <= TOL, item.name
 
 
 @pytest.mark.parametrize("era", ["legacy", "2025"])
@@ -95,7 +94,7 @@ def test_medsa_3d_matches_tensor_resize(mr_stacks, era):
         volume01 = stack[:4]
         got, _ = preprocess_stack(list(volume01), pre, 4)
         want = up.medsa_3d_input(volume01, 1024, era)
-        assert _worst(got, want) <= (TOL if era == "legacy" else 1e-4), stack.shape
+        assert _worst(got, want) <= TOL, stack.shape
 
 
 @pytest.mark.parametrize("input_size", [224, None])
