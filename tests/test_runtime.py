@@ -185,3 +185,24 @@ def test_large_prompt_batches_split_into_the_backends_decode_batch(litemedsam_bu
     np.testing.assert_allclose(split.masks, whole.masks, atol=1e-5)
     np.testing.assert_allclose(split.scores, whole.scores, atol=1e-6)
     assert split.masks.shape[0] == len(boxes)
+
+
+def test_set_image_gives_one_mask_whatever_the_dtype(litemedsam_bundle):
+    """The same real CT slice as uint8, float [0, 1], uint16 and HU (with the window that made
+    the uint8): identical masks at 128² and a 300×400 crop of a 512² slice. Before the dtype
+    contract, floats and uint16 were clipped to 0..255 after resizing (Dice 0.36–0.77)."""
+    import upstream_pipelines as up
+    from pydicom.data import get_testdata_file
+
+    predictor = Predictor(litemedsam_bundle, backend="onnxruntime", threads=2)
+    for hu in (up.hu_of(get_testdata_file("CT_small.dcm")),
+               up.hu_of(get_testdata_file("J2K_pixelrep_mismatch.dcm"))[100:400, 50:450]):
+        u8 = np.rint((np.clip(hu, -160, 240) + 160) * 255 / 400).astype(np.uint8)
+        box = np.array([hu.shape[1] * 0.2, hu.shape[0] * 0.2, hu.shape[1] * 0.8, hu.shape[0] * 0.7])
+        predictor.set_image(u8)
+        want = predictor.predict(boxes=box).masks
+        assert want.any() and not want.all()
+        for image, window in ((u8 / 255.0, None), (u8.astype(np.uint16) * 257, None),
+                              (hu, (40, 400))):
+            predictor.set_image(image, window=window)
+            np.testing.assert_array_equal(predictor.predict(boxes=box).masks, want)

@@ -146,7 +146,7 @@ def cmd_predict(args, steps) -> int:
         written = save_label_outputs(image.image, labels, args.out)
         for path in written:
             console.print(escape(f"wrote {path}"))
-        classes = result.logits.shape[1]
+        classes = result.scores.shape[1]
         values, counts = np.unique(labels, return_counts=True)
         present = ", ".join(f"{v} ({c / labels.size:.1%})" for v, c in zip(values, counts))
         console.print(escape(f"label map of {image.name}: {classes} classes (0 = background); "

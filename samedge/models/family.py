@@ -44,7 +44,7 @@ RANK = Option("rank", "LoRA/FacT rank (default: inferred; passing it checks)", i
 REBUILD_FIELDS = {"checkpoint": ("checkpoint", "path"), "base": ("checkpoint", "base"),
                   "variant": ("variant",), "image_size": ("image_size",), "depth": ("depth",),
                   "scale": ("checkpoint", "scale"), "era": ("checkpoint", "era"),
-                  "rank": ("checkpoint", "rank")}
+                  "rank": ("checkpoint", "rank"), "input_size": ("checkpoint", "input_size")}
 
 
 def _field(model: Mapping, path: tuple[str, ...]) -> Any:

@@ -50,6 +50,7 @@ from samedge.models.vit_blocks import Encoder, SamParts, SliceAdapter, SliceAdap
 from samedge.runtime.transforms import Preprocessing
 
 MASAM_CT_WINDOW = (25.0, 450.0)  # HU clip [-200, 250] (test.py HU_min/HU_max)
+MASAM_DATA_MEAN, MASAM_DATA_STD = 50.21997497685108, 68.47153712416372  # test.py data_mean/std
 ADAPTER_CHANNELS = 384
 ENCODER = "image_encoder.ImageEncoderViT."
 
@@ -230,6 +231,19 @@ def _check_fits(state: dict, base_config: SamConfig, rank: int | None, path) -> 
     return r, int(down.shape[0])
 
 
+def masam_preprocessing(image_size: int) -> Preprocessing:
+    """MA_SAM/test.py: HU window → ×255/450 → float32 standardised with the BTCV mean/std →
+    min-max over the slice stack → zoom (order 3) only where the slice is not the input size;
+    labels: softmax zoomed back with order 3, argmax."""
+    return Preprocessing(
+        image_size=image_size, resize="stretch", interpolation="spline3",
+        normalize="standardize_minmax", pixel_mean=(MASAM_DATA_MEAN,) * 3,
+        pixel_std=(MASAM_DATA_STD,) * 3, normalize_stage="before_resize", minmax_scope="stack",
+        round_resized=False, source="float", mask_size=image_size, ct_window=MASAM_CT_WINDOW,
+        mask_resize="probabilities", mask_interpolation="spline3",
+    )
+
+
 def build_masam(
     base: str | Path,
     checkpoint: str | Path,
@@ -273,10 +287,7 @@ def build_masam(
 
 
     model = merge_masam(reference) if merged else reference
-    pre = Preprocessing(
-        image_size=image_size, resize="stretch", interpolation="bilinear", normalize="minmax",
-        round_resized=False, mask_size=image_size, ct_window=MASAM_CT_WINDOW,
-    )
+    pre = masam_preprocessing(image_size)
     return ModelCard(
         "masam", variant_name(base_config), model, pre, prompt="none", multimask_default=True,
         decoder="semantic", depth=depth, reference=reference,
@@ -288,9 +299,9 @@ def build_masam(
             "replicated) as the batch; one embedding and K+1 full-resolution logit maps per slice",
             f"semantic decoder: {shape.num_mask_tokens} channels (0 = background); upstream "
             "averages softmax over overlapping windows, then argmax",
-            "input = CT clipped to [-200, 250] HU, min-max scaled over the slice stack (samedge "
-            "scales each slice; identical when every slice reaches both clip limits)",
-            "MA-SAM zooms to the input size with scipy order 3; samedge uses bilinear",
+            "input = CT clipped to [-200, 250] HU, ×255/450, standardised with the BTCV mean/std, "
+            "min-max over the slice stack, then zoomed with scipy order 3 where not the input size",
+            "per-slice labels: softmax zoomed back with order 3, argmax",
             f"FacT scale s={scale} is not stored in the checkpoint (upstream --scale, default 1.0)",
         ],
     )

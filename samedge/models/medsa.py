@@ -163,21 +163,30 @@ def _outputs(shape: DecoderShape, multimask_output: int | None, path) -> int:
 
 
 def medsa_preprocessing(config: SamConfig, era: Era, depth: int) -> Preprocessing:
-    """Legacy: stretch to S, ToTensor [0, 1] straight into the encoder, (y, x) clicks. 2025:
-    ×255 then SAM mean/std. 3D (MONAI, [0, 1] after the CT window): legacy feeds it directly; 2025
-    still applies mean/std to the [0, 1] data (= mean/std ×255 in the 0–255 scale); clicks stay
-    (row, col) in both eras."""
+    """2-D: Pillow bilinear stretch to S on the uint8 RGB image (torchvision's Resize before
+    ToTensor), then legacy: [0, 1] straight into the encoder, (y, x) clicks; 2025: ×255 and SAM
+    mean/std. 3-D (function.py's ``thd`` branch): the MONAI [0, 1] float volume (CT window
+    [-175, 250]) resized as a tensor (bilinear; torchvision 0.13 in both eras' environments, no
+    antialiasing), legacy straight in, 2025 through mean/std on the [0, 1] data (= mean/std ×255
+    in the 0–255 scale); clicks stay (row, col). Masks: validation_sam resizes the low-res logits
+    straight to the output size — legacy nearest, thresholded at 0.5 on logits (the centre of
+    eval_seg's thresholds, applied to logits before 2025); 2025 bilinear, sigmoid > 0.5 (logits > 0)."""
     three_d = depth > 1
     if era == "legacy":
         norm = dict(normalize="unit")
+        masks = dict(mask_interpolation="nearest", mask_threshold=0.5)
     else:
         scale = 255.0 if three_d else 1.0
         norm = dict(normalize="mean_std", pixel_mean=tuple(m * scale for m in SAM_PIXEL_MEAN),
                     pixel_std=tuple(s * scale for s in SAM_PIXEL_STD))
+        masks = dict(mask_interpolation="bilinear", mask_threshold=0.0)
+    resample = (dict(interpolation="bilinear", round_resized=False, source="float") if three_d
+                else dict(interpolation="pil_bilinear"))
     return Preprocessing(
-        image_size=config.image_size, resize="stretch", interpolation="triangle_aa",
+        image_size=config.image_size, resize="stretch",
         point_order="yx" if era == "legacy" or three_d else "xy", mask_size=4 * config.grid,
-        ct_window=MEDSA_3D_CT_WINDOW if three_d else None, **norm,
+        ct_window=MEDSA_3D_CT_WINDOW if three_d else None, mask_path="direct", **resample,
+        **norm, **masks,
     )
 
 
@@ -230,9 +239,10 @@ def build_medsa(
         f"encoder: {mode}, rel-pos parameters {rel or 'absent'}"
         + (" (all zero: dropped from the merged graph)" if zero else ""),
         "pos_embed (1, 64, 64, C) bicubic-resized to the token grid once, as a constant",
-        "images are stretched to the square input (torchvision Resize)",
-        "logits upsample to -out_size with " + ("nearest (legacy)" if era == "legacy" else "bilinear")
-        + "; the runtime upsamples bilinearly",
+        "images are stretched to the square input (torchvision Resize: Pillow in 2-D, tensor "
+        "bilinear in 3-D)",
+        "low-res logits resized straight to the image, "
+        + ("nearest, > 0.5 (legacy)" if era == "legacy" else "bilinear, > 0 (2025)"),
     ]
     if depth > 1:
         dh, dw = closest_numbers(depth)

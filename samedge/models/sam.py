@@ -113,6 +113,24 @@ def _load(model: torch.nn.Module, checkpoint: str | Path | None, family: str) ->
     return {"path": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint)}
 
 
+def sam_preprocessing(config: SamConfig) -> Preprocessing:
+    """SamPredictor: ResizeLongestSide (Pillow bilinear on uint8), mean/std, pad; masks through
+    postprocess_masks, logits > 0."""
+    return Preprocessing(image_size=config.image_size, resize="longest_side",
+                         interpolation="pil_bilinear", normalize="mean_std",
+                         pixel_mean=SAM_PIXEL_MEAN, pixel_std=SAM_PIXEL_STD,
+                         mask_size=4 * config.grid)
+
+
+def medsam_preprocessing(config: SamConfig) -> Preprocessing:
+    """MedSAM_Inference.py: skimage resize to S² (order 3, anti-aliased) truncated to uint8,
+    min-max; masks: sigmoid of the low-res logits, bilinear straight to the image, > 0.5."""
+    return Preprocessing(image_size=config.image_size, resize="stretch",
+                         interpolation="skimage_cubic", resized_cast="truncate",
+                         normalize="minmax", mask_size=4 * config.grid, mask_path="direct",
+                         mask_resize="probabilities", mask_threshold=0.5)
+
+
 def build_sam(
     variant: str = "vit_b", checkpoint: str | Path | None = None, config: SamConfig | None = None
 ) -> ModelCard:
@@ -124,15 +142,7 @@ def build_sam(
     if record_config is not None:
         record["config"] = asdict(config)
     model.eval()
-    pre = Preprocessing(
-        image_size=config.image_size,
-        resize="longest_side",
-        interpolation="triangle_aa",
-        normalize="mean_std",
-        pixel_mean=SAM_PIXEL_MEAN,
-        pixel_std=SAM_PIXEL_STD,
-        mask_size=4 * config.grid,
-    )
+    pre = sam_preprocessing(config)
     return ModelCard("sam", variant if config == SAM_VARIANTS.get(variant) else "custom", model, pre, prompt="points", multimask_default=True,
                      checkpoint=record)
 
@@ -141,24 +151,18 @@ def build_medsam(checkpoint: str | Path | None = None, config: SamConfig | None 
     """MedSAM (ViT-B fully fine-tuned): the image is stretched to 1024² (aspect not kept), min-max
     scaled to [0, 1] and fed without mean/std; boxes scale by 1024/W, 1024/H; one output token.
 
-    MedSAM resizes with scikit-image's cubic spline; samedge uses antialiased bilinear here, a
-    documented approximation that keeps the runtime numpy-only.
     """
     config = replace(resolve_config("vit_b", config))
     model = sam_modules(config)
     record = _load(model, checkpoint, "MedSAM (SAM ViT-B)")
     model.eval()
-    pre = Preprocessing(
-        image_size=config.image_size,
-        resize="stretch",
-        interpolation="triangle_aa",
-        normalize="minmax",
-        mask_size=4 * config.grid,
-    )
+    pre = medsam_preprocessing(config)
     return ModelCard("medsam", "vit_b", model, pre, prompt="boxes", multimask_default=False,
                      checkpoint=record,
-                     notes=["resize approximates MedSAM's skimage order-3 resize with "
-                            "antialiased bilinear"])
+                     notes=["MedSAM_Inference.py: skimage resize to 1024² (order 3, anti-aliased), "
+                            "truncated to uint8, min-max; masks: sigmoid of the 256² logits, "
+                            "bilinear to the image, > 0.5"])
+
 
 
 def _custom_config(model) -> str | None:

@@ -36,6 +36,7 @@ from samedge.models.family import (
     RANK,
     VARIANT,
     Family,
+    Option,
 )
 from samedge.models.folding import (
     fold_linear,
@@ -293,6 +294,7 @@ def build_samed(
     rank: int | None = None,
     variant: Literal["samed", "samed_h", "samed_s"] | None = None,
     merged: bool = True,
+    input_size: int | None = 224,
 ) -> ModelCard:
     """SAMed / SAMed_h / SAMed_s from Meta's SAM checkpoint (``base``) and the LoRA file.
 
@@ -300,6 +302,8 @@ def build_samed(
     SAMed_s: the substring quirk) and is inferred: decoder LoRA keys → samed_s, a ViT-H base →
     samed_h, else samed. ``num_classes`` and ``rank`` are read from the file; passing them checks.
     ``card.model`` is the merged, exportable model; ``card.reference`` the upstream-faithful one.
+    ``input_size``: test.py's ``--input_size`` (224): slices are zoomed to it, then to
+    ``image_size``, as ``test_single_volume`` does; None zooms straight to ``image_size``.
     """
     base_state = read_sam_base(base)
     lora = read_samed(checkpoint)
@@ -322,29 +326,40 @@ def build_samed(
     load_into(reference, full, f"{variant} ({variant_name(base_config)}, image {image_size}, "
                                f"global rel-pos rule {rule!r})")
     reference.eval()
-    return _card(reference, config, variant, merged, {
+    return _card(reference, config, variant, merged, input_size, {
         "path": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint),
         "base": str(Path(base).resolve()), "base_sha256": file_sha256(base), "rank": r,
         "global_rel_pos_rule": rule, "base_variant": variant_name(base_config),
+        "input_size": input_size,
     })
 
 
-def _card(reference: SamParts, config: SamConfig, variant: str, merged: bool, record: dict) -> ModelCard:
+def samed_preprocessing(image_size: int, mask_size: int, input_size: int | None) -> Preprocessing:
+    """utils.test_single_volume: CT window → [0, 1] float, zoom (order 3) to ``input_size`` then
+    to ``image_size``, each only where the slice differs; labels = argmax at the input size,
+    zoomed back with order 0."""
+    return Preprocessing(
+        image_size=image_size, resize="stretch", interpolation="spline3", resize_via=input_size,
+        normalize="unit", normalize_stage="before_resize", round_resized=False, source="float",
+        mask_size=mask_size, ct_window=SAMED_CT_WINDOW, mask_resize="labels",
+        mask_interpolation="spline0",
+    )
+
+
+def _card(reference: SamParts, config: SamConfig, variant: str, merged: bool,
+          input_size: int | None, record: dict) -> ModelCard:
 
     model = merge_samed(reference) if merged else reference
-    pre = Preprocessing(
-        image_size=config.image_size, resize="stretch", interpolation="bilinear",
-        normalize="unit", round_resized=False, mask_size=4 * config.grid,
-        ct_window=SAMED_CT_WINDOW,
-    )
+    pre = samed_preprocessing(config.image_size, 4 * config.grid, input_size)
     return ModelCard(
         "samed", variant, model, pre, prompt="none", multimask_default=True, decoder="semantic",
         checkpoint=record, reference=reference,
         notes=[
             f"semantic decoder: {config.num_multimask_outputs + 1} logit channels (0 = background), "
             "label map = argmax; prompt-free (empty sparse prompt, no_mask_embed)",
-            "SAMed resizes slices with scipy zoom order 3 (224 then the input size); samedge uses "
-            "bilinear, a documented approximation",
+            "slices zoomed with scipy order 3 to "
+            + (f"{input_size}² then {config.image_size}²" if input_size else f"{config.image_size}²")
+            + " (test_single_volume); label map zoomed back with order 0",
             "input = CT clipped to [-125, 275] HU scaled to [0, 1], no mean/std",
         ],
     )
@@ -417,7 +432,9 @@ FAMILY = Family(
     name="samed",
     summary="SAMed / SAMed_h / SAMed_s: LoRA on q/v, prompt-free semantic decoder",
     build=build_samed,
-    options=(BASE, CHECKPOINT, VARIANT, IMAGE_SIZE, NUM_CLASSES, RANK),
+    options=(BASE, CHECKPOINT, VARIANT, IMAGE_SIZE, NUM_CLASSES, RANK,
+             Option("input_size", "SAMed: test.py's --input_size, zoomed to before --image-size "
+                                  "(default 224)", int)),
     decoder_graph="semantic",
     merge=merge_samed,
 )

@@ -10,19 +10,21 @@ import numpy as np
 from samedge.errors import PromptError, StackDepthError
 from samedge.runtime.backends import installed, open_backend
 from samedge.runtime.bundle import BACKEND_FORMATS, Bundle
+from samedge.runtime.intensity import WindowArg
+from samedge.runtime.postprocess import mask_scores, prompt_masks, semantic_maps
 from samedge.runtime.prompts import sparse_prompt
 from samedge.runtime.transforms import (
     ImageFrame,
     preprocess,
     preprocess_stack,
-    upscale_logits,
 )
 
 
 @dataclass
 class Prediction:
-    """``masks`` (B, K, H, W) bool at the original size (logits if asked), ``scores`` (B, K) the
-    predicted IoU, ``low_res_logits`` (B, K, m, m) to feed back as ``mask_input``. The B axis is
+    """``masks`` (B, K, H, W) bool at the original size (if asked, the scores they threshold:
+    logits, or probabilities where the family resizes those; ``Preprocessing.mask_threshold``),
+    ``scores`` (B, K) the predicted IoU, ``low_res_logits`` (B, K, m, m) to feed back as ``mask_input``. The B axis is
     dropped when a single unbatched prompt was given, as SamPredictor does."""
 
     masks: np.ndarray
@@ -33,11 +35,13 @@ class Prediction:
 @dataclass
 class Segmentation:
     """A semantic family's answer for each encoded slice (N = 1 after ``set_image``, D after
-    ``set_volume``): ``labels`` (N, H, W) the argmax class per pixel (0 = background) and
-    ``logits`` (N, K+1, H, W) at the original size, ``low_res_logits`` (N, K+1, m, m) as decoded."""
+    ``set_volume``): ``labels`` (N, H, W) the class per pixel (0 = background) as the family's
+    upstream script derives it, ``scores`` (N, K+1, H, W) the class maps it resizes to the
+    original size (SAMed: logits, nearest; MA-SAM: softmax probabilities, cubic spline; their
+    argmax is ``labels``), ``low_res_logits`` (N, K+1, m, m) as decoded."""
 
     labels: np.ndarray
-    logits: np.ndarray
+    scores: np.ndarray
     low_res_logits: np.ndarray
 
 
@@ -70,7 +74,8 @@ class Predictor:
 
     Depth models (``manifest.model.depth`` D > 1) encode D adjacent slices at once with
     ``set_volume``; semantic families (SAMed, MA-SAM) take no prompt and answer ``segment()``.
-    Raw CT goes through ``transforms.window_ct(hu, predictor.pre)`` first.
+    Images may be uint8, uint16 or float in [0, 1]; raw CT goes in as HU with ``window="model"``
+    (the family's training window) or ``window=(level, width)`` (see ``runtime.intensity``).
     """
 
     def __init__(
@@ -105,22 +110,27 @@ class Predictor:
         self._slice = 0
 
     # -- encoder -----------------------------------------------------------------------------
-    def set_image(self, image: np.ndarray) -> None:
-        """Preprocess and encode one (H, W) or (H, W, 3) image; later ``predict`` calls reuse it."""
+    def set_image(self, image: np.ndarray, window: WindowArg = None) -> None:
+        """Preprocess and encode one (H, W) or (H, W, 3) image; later ``predict`` calls reuse it.
+
+        uint8 as is, uint16 over its full range, floats as [0, 1]; ``window`` ("model" or
+        (level, width)) reads the image as HU and windows it first. Other dtypes are ImageError.
+        """
         if self.depth != 1:
             raise StackDepthError(
                 f"this model's encoder takes a stack of {self.depth} adjacent slices, not one",
                 hint=f"call set_volume with {self.depth} slices (Volume.stack(i, {self.depth}))",
             )
-        self._encode(*preprocess(image, self.pre), current=0)
+        self._encode(*preprocess(image, self.pre, window), current=0)
 
-    def set_volume(self, stack) -> None:
+    def set_volume(self, stack, window: WindowArg = None) -> None:
         """Encode D adjacent slices (a list of images, or a (D, H, W[, 3]) array) in one call.
 
-        D must be the bundle's depth (StackDepthError otherwise). ``predict`` then decodes
+        D must be the bundle's depth (StackDepthError otherwise); ``window`` as in ``set_image``. ``predict`` then decodes
         against the centre slice until ``select_slice`` picks another; ``segment`` answers all D.
         """
-        self._encode(*preprocess_stack(stack, self.pre, self.depth), current=self.depth // 2)
+        self._encode(*preprocess_stack(stack, self.pre, self.depth, window),
+                     current=self.depth // 2)
 
     def _encode(self, tensor: np.ndarray, frame: ImageFrame, current: int) -> None:
         self._embeddings = self.encoder.run({"image": tensor})["image_embeddings"]
@@ -151,13 +161,13 @@ class Predictor:
 
     # -- semantic decoder --------------------------------------------------------------------
     def segment(self) -> Segmentation:
-        """Class logits and label map for every encoded slice, at the original image size."""
+        """Class maps and label map for every encoded slice, at the original image size."""
         if not self.semantic:
             raise PromptError("this bundle's decoder takes prompts; call predict(...)",
                               hint="segment() serves semantic families (SAMed, MA-SAM)")
         low_res = self.decoder.run({"image_embeddings": self.embeddings})["class_logits"]
-        logits = upscale_logits(low_res, self._frame, self.pre)
-        return Segmentation(labels=logits.argmax(axis=1), logits=logits, low_res_logits=low_res)
+        scores, labels = semantic_maps(low_res, self._frame, self.pre)
+        return Segmentation(labels=labels, scores=scores, low_res_logits=low_res)
 
     # -- decoder -----------------------------------------------------------------------------
     def predict(
@@ -205,8 +215,8 @@ class Predictor:
             tokens = slice(1, None) if multimask else slice(0, 1)
         low_res = outputs["low_res_masks"][:, tokens]
         scores = outputs["iou_predictions"][:, tokens]
-        logits = upscale_logits(low_res, frame, self.pre)
-        masks = logits if return_logits else logits > 0.0
+        scores_hw = mask_scores(low_res, frame, self.pre)
+        masks = scores_hw if return_logits else prompt_masks(scores_hw, self.pre)
         if not batched:
             masks, scores, low_res = masks[0], scores[0], low_res[0]
         return Prediction(masks=masks, scores=scores, low_res_logits=low_res)

@@ -1,10 +1,12 @@
 """The one preprocessing definition: image → encoder tensor, prompts → model frame, logits → masks.
 
 Calibration, drift validation and the runtime all call these functions, so an INT8 engine is
-calibrated on exactly the tensors it will see at the bedside. Everything is numpy: resampling is
-done with separable weight matrices (``out = Wy @ img @ Wx.T``) that reproduce the upstream
-resizers (OpenCV ``INTER_AREA`` for LiteMedSAM, PIL bilinear for SAM, ``F.interpolate`` bilinear for
-mask upscaling) without pulling OpenCV, Pillow or torch into the bedside process.
+calibrated on exactly the tensors it will see at the bedside. Each family's steps are its upstream
+inference script's, in its order (docs/preprocessing.md): separable numpy weight matrices
+(``out = Wy @ img @ Wx.T``) where they reproduce the upstream resizer (OpenCV ``INTER_AREA``,
+``F.interpolate`` bilinear for images and masks), and the upstream libraries themselves — Pillow,
+scipy.ndimage — where a resizer rounds or prefilters (:mod:`samedge.runtime.resamplers`). No
+OpenCV, scikit-image or torch in the bedside process.
 """
 
 from __future__ import annotations
@@ -17,31 +19,55 @@ from typing import Literal
 import numpy as np
 
 from samedge.errors import ImageError, PromptError, StackDepthError
+from samedge.runtime import resamplers
+from samedge.runtime.intensity import WindowArg, apply_window, to_intensity
 
-Interpolation = Literal["area", "bilinear", "triangle_aa"]
+Interpolation = Literal["area", "bilinear", "triangle_aa", "pil_bilinear", "spline3",
+                        "skimage_cubic"]
+MaskInterpolation = Literal["bilinear", "nearest", "spline0", "spline3"]
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a family turns an image into its encoder input, recorded verbatim in the manifest.
+    """A family's contract around its graphs, recorded verbatim in the manifest: how an image
+    becomes the encoder input, and how decoder logits become masks, each as its upstream
+    inference script does it (docs/preprocessing.md names the script per family).
 
+    ``source``: what upstream's pipeline starts from — ``uint8`` images (every input is rounded to
+    uint8 first, see :mod:`samedge.runtime.intensity`) or ``float`` intensities (windowed HU,
+    never rounded: SAMed, MA-SAM, Med-SA 3D).
     ``resize``: ``longest_side`` keeps the aspect and zero-pads bottom/right (SAM, LiteMedSAM);
-    ``stretch`` resizes to the square input (MedSAM ViT-B, Med-SA legacy).
-    ``interpolation``: ``area`` = OpenCV INTER_AREA, ``triangle_aa`` = PIL bilinear (antialiased
-    when shrinking, what SAM's ResizeLongestSide does), ``bilinear`` = plain bilinear.
-    ``normalize``: ``minmax`` maps the resized image to [0, 1] (LiteMedSAM, MedSAM);
-    ``mean_std`` subtracts ``pixel_mean`` and divides by ``pixel_std`` in the 0–255 scale (SAM);
-    ``unit`` divides by 255 (Med-SA legacy, SAMed after windowing).
+    ``stretch`` resizes to the square input. ``resize_via``: a first square size to resize to
+    before ``image_size`` (SAMed's ``input_size`` 224), skipped where the image already has it.
+    ``interpolation``: ``area`` = OpenCV INTER_AREA, ``triangle_aa`` = antialiased bilinear in
+    float (numpy), ``pil_bilinear`` = Pillow BILINEAR on uint8 (SAM's ResizeLongestSide,
+    torchvision's Resize on a PIL image), ``bilinear`` = ``F.interpolate`` bilinear,
+    ``spline3`` = ``scipy.ndimage.zoom`` order 3 (SAMed, MA-SAM), ``skimage_cubic`` =
+    ``skimage.transform.resize`` order 3 with anti-aliasing (MedSAM; it resamples even at the
+    input size, as upstream does).
+    ``round_resized``: the resized image is cast back to uint8 as upstream's resizer returns it,
+    by ``resized_cast``: ``round`` (OpenCV, Pillow) or ``truncate`` (numpy ``astype`` after
+    scikit-image, MedSAM).
+    ``normalize``: ``minmax`` maps to [0, 1] (LiteMedSAM, MedSAM); ``mean_std`` subtracts
+    ``pixel_mean`` and divides by ``pixel_std`` in the 0–255 scale (SAM); ``unit`` divides by 255;
+    ``standardize_minmax`` standardises with the dataset's ``pixel_mean``/``pixel_std`` and then
+    min-maxes with MA-SAM's ``+ 1e-8`` (MA-SAM). ``normalize_stage``: before or after the resize;
+    ``minmax_scope``: per ``image`` or over the whole ``stack`` of a depth model (MA-SAM).
     ``box_rounding``: ``floor`` truncates box coordinates after scaling (LiteMedSAM's ``int()``).
     ``point_order``: ``yx`` for Med-SA's legacy (row, col) clicks.
-    ``ct_window``: the (level, width) in HU a family was trained on (SAMed, MA-SAM, Med-SA 3D), for
-    sources to window CT with before this preprocessing; ``None`` = the source's default.
+    ``ct_window``: the (level, width) in HU a family was trained on (SAMed, MA-SAM, Med-SA 3D),
+    used by ``window="model"`` and the CLI; ``None`` = the source's default.
+    Masks: ``mask_path`` ``sam`` goes low-res → input size (bilinear) → crop → original size
+    (SAM's postprocess_masks), ``direct`` low-res → original size in one resize; the last resize
+    acts on ``mask_resize`` — ``logits``, ``probabilities`` (sigmoid, or softmax over classes) or
+    ``labels`` (argmax first) — with ``mask_interpolation`` (``F.interpolate`` bilinear or
+    nearest, ``scipy.ndimage.zoom`` order 0 or 3); prompt masks are scores > ``mask_threshold``.
     """
 
     image_size: int
     resize: Literal["longest_side", "stretch"] = "longest_side"
     interpolation: Interpolation = "area"
-    normalize: Literal["minmax", "mean_std", "unit"] = "minmax"
+    normalize: Literal["minmax", "mean_std", "unit", "standardize_minmax"] = "minmax"
     pixel_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     pixel_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     round_resized: bool = True
@@ -49,16 +75,29 @@ class Preprocessing:
     point_order: Literal["xy", "yx"] = "xy"
     mask_size: int = 256
     ct_window: tuple[float, float] | None = None
+    source: Literal["uint8", "float"] = "uint8"
+    resize_via: int | None = None
+    resized_cast: Literal["round", "truncate"] = "round"
+    normalize_stage: Literal["before_resize", "after_resize"] = "after_resize"
+    minmax_scope: Literal["image", "stack"] = "image"
+    mask_path: Literal["sam", "direct"] = "sam"
+    mask_resize: Literal["logits", "probabilities", "labels"] = "logits"
+    mask_interpolation: MaskInterpolation = "bilinear"
+    mask_threshold: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Preprocessing":
+        """Read a manifest's record; one written before ``source`` existed gets the source its
+        pipeline implied (float where the resize was not rounded)."""
         data = dict(data)
         for key in ("pixel_mean", "pixel_std", "ct_window"):
             if data.get(key) is not None:
                 data[key] = tuple(float(v) for v in data[key])
+        if "source" not in data:
+            data["source"] = "uint8" if data.get("round_resized", True) else "float"
         return cls(**data)
 
 
@@ -77,36 +116,6 @@ def resized_shape(height: int, width: int, pre: Preprocessing) -> tuple[int, int
         return pre.image_size, pre.image_size
     scale = pre.image_size / max(height, width)
     return int(height * scale + 0.5), int(width * scale + 0.5)
-
-
-def check_image(image: np.ndarray) -> np.ndarray:
-    """Validate an image and return it as float32 (H, W, 3): the only place images are vetted."""
-    try:
-        array = np.asarray(image)
-    except Exception as exc:  # ragged lists and the like
-        raise ImageError(f"image is not an array: {exc}") from exc
-    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise ImageError(f"image has non-numeric dtype {array.dtype}")
-    if array.ndim == 3 and array.shape[-1] == 4:
-        array = array[..., :3]
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
-        raise ImageError(
-            f"image must be (H, W) or (H, W, 3); got shape {array.shape}",
-            hint="pass one 2-D slice; for a volume use set_volume or pick a slice first",
-        )
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ImageError(f"image is empty (shape {array.shape})")
-    array = array.astype(np.float32, copy=False)
-    if not np.isfinite(array).all():
-        raise ImageError(
-            "image contains NaN or Inf values",
-            hint="replace missing values (e.g. np.nan_to_num) or window the data before segmenting",
-        )
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=-1)
-    return array
 
 
 @lru_cache(maxsize=64)
@@ -164,43 +173,105 @@ def one_blas_thread():
 
 
 def resize(image: np.ndarray, out_hw: tuple[int, int], method: Interpolation) -> np.ndarray:
-    """Resample an (H, W) or (H, W, C) float array to ``out_hw`` with separable weights."""
+    """Resample an (H, W) or (H, W, C) array to ``out_hw`` with ``method`` (see Preprocessing):
+    the upstream libraries' own resizers where they round or prefilter, else separable weights."""
+    if method == "pil_bilinear":
+        return resamplers.pil_bilinear(image, out_hw)
+    if method == "spline3":
+        return resamplers.spline_zoom(image, out_hw, order=3)
+    if method == "skimage_cubic":
+        return resamplers.skimage_resize(image, out_hw, order=3)
     wy = resize_matrix(image.shape[0], out_hw[0], method).astype(np.float32)
     wx = resize_matrix(image.shape[1], out_hw[1], method).astype(np.float32)
     with one_blas_thread():
-        rows = np.tensordot(wy, image, axes=(1, 0))  # (h, W, ...)
+        rows = np.tensordot(wy, np.asarray(image, np.float32), axes=(1, 0))  # (h, W, ...)
         return np.moveaxis(np.tensordot(wx, rows, axes=(1, 1)), 0, 1)
 
 
-def preprocess(image: np.ndarray, pre: Preprocessing) -> tuple[np.ndarray, ImageFrame]:
-    """Image (H, W) or (H, W, 3), any numeric range → encoder input (1, 3, S, S) float32."""
-    pixels = check_image(image)
-    height, width = pixels.shape[:2]
-    new_hw = resized_shape(height, width, pre)
-    if (height, width) != new_hw:
-        pixels = resize(pixels, new_hw, pre.interpolation)
-        if pre.round_resized:  # the upstream resizers return uint8
-            pixels = np.clip(np.rint(pixels), 0, 255)
+def _resize_steps(pixels: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """The family's resize path: through ``resize_via`` first where it has one, each step only
+    where the size differs (scikit-image's resize always resamples), each cast back to uint8 where
+    the upstream resizer returns uint8."""
+    targets = [resized_shape(*pixels.shape[:2], pre)]
+    if pre.resize_via:
+        targets.insert(0, (pre.resize_via, pre.resize_via))
+    for target in targets:
+        if pixels.shape[:2] == target and pre.interpolation != "skimage_cubic":
+            continue
+        halved = pixels.shape[:2] == (2 * target[0], 2 * target[1])
+        pixels = resize(pixels, target, pre.interpolation)
+        if pre.round_resized and pixels.dtype != np.uint8:
+            if pre.resized_cast == "truncate":
+                cast = pixels
+            elif pre.interpolation == "area" and halved:  # OpenCV's 2×2 fast path: (sum + 2) >> 2
+                cast = np.floor(pixels + 0.5)
+            else:
+                cast = np.rint(pixels)
+            pixels = np.clip(cast, 0, 255).astype(np.uint8)
+    return pixels
+
+
+def _normalize(pixels: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """One normalisation over ``pixels`` (an image, or a stack when the scope is the stack)."""
     if pre.normalize == "minmax":
+        pixels = np.asarray(pixels, np.float64)
         lo, hi = float(pixels.min()), float(pixels.max())
-        pixels = (pixels - lo) / max(hi - lo, 1e-8)
-    elif pre.normalize == "mean_std":
-        pixels = (pixels - np.asarray(pre.pixel_mean, np.float32)) / np.asarray(
-            pre.pixel_std, np.float32
-        )
-    else:
-        pixels = pixels / 255.0
-    tensor = np.zeros((1, 3, pre.image_size, pre.image_size), dtype=np.float32)
-    tensor[0, :, : new_hw[0], : new_hw[1]] = np.moveaxis(pixels, -1, 0)
-    return tensor, ImageFrame((height, width), new_hw, pre.image_size)
+        return (pixels - lo) / max(hi - lo, 1e-8)
+    if pre.normalize == "standardize_minmax":  # MA-SAM: float32, (x - mean) / std, then + 1e-8
+        pixels = np.asarray(pixels, np.float32)
+        pixels = (pixels - np.float32(pre.pixel_mean[0])) / np.float32(pre.pixel_std[0])
+        return (pixels - pixels.min()) / (pixels.max() - pixels.min() + np.float32(1e-8))
+    if pre.normalize == "mean_std":
+        return (np.asarray(pixels, np.float64) - np.asarray(pre.pixel_mean)) / np.asarray(
+            pre.pixel_std)
+    return np.asarray(pixels, np.float64) / 255.0
 
 
-def preprocess_stack(stack, pre: Preprocessing, depth: int) -> tuple[np.ndarray, ImageFrame]:
+def _normalize_all(images: list[np.ndarray], pre: Preprocessing) -> list[np.ndarray]:
+    if pre.minmax_scope == "stack" and len(images) > 1:
+        return list(_normalize(np.stack(images), pre))
+    return [_normalize(image, pre) for image in images]
+
+
+def _encoder_input(images: list[np.ndarray], pre: Preprocessing) -> np.ndarray:
+    """Source images on the 0..255 scale (one frame) → (D, 3, S, S) float32, in upstream's order."""
+    if pre.normalize_stage == "before_resize":
+        images = _normalize_all(images, pre)
+    images = [_resize_steps(image, pre) for image in images]
+    if pre.normalize_stage == "after_resize":
+        images = _normalize_all(images, pre)
+    height, width = images[0].shape[:2]
+    tensor = np.zeros((len(images), 3, pre.image_size, pre.image_size), dtype=np.float32)
+    for index, image in enumerate(images):
+        tensor[index, :, :height, :width] = np.moveaxis(image, -1, 0)
+    return tensor
+
+
+def source_image(image, pre: Preprocessing, window: WindowArg = None) -> np.ndarray:
+    """Validate an image and put it on the family's source scale (see
+    :mod:`samedge.runtime.intensity`): uint8 (H, W, 3), or float64 for float-source families."""
+    return to_intensity(image, window, pre.ct_window, rounded=pre.source == "uint8")
+
+
+def preprocess(image: np.ndarray, pre: Preprocessing,
+               window: WindowArg = None) -> tuple[np.ndarray, ImageFrame]:
+    """Image (H, W[, 3]) of any supported dtype → encoder input (1, 3, S, S) float32.
+
+    ``window``: the image holds raw CT values (HU) to window first — ``"model"`` for the family's
+    training window, or (level, width)."""
+    pixels = source_image(image, pre, window)
+    height, width = pixels.shape[:2]
+    frame = ImageFrame((height, width), resized_shape(height, width, pre), pre.image_size)
+    return _encoder_input([pixels], pre), frame
+
+
+def preprocess_stack(stack, pre: Preprocessing, depth: int,
+                     window: WindowArg = None) -> tuple[np.ndarray, ImageFrame]:
     """``depth`` adjacent slices (a list of images, or a (D, H, W[, 3]) array) → (D, 3, S, S).
 
     Depth models fix D in their encoder graph (Med-SA's regroup and MA-SAM's Conv3d bake it), so
-    a stack of any other length is refused here rather than failing inside the engine. Each slice
-    goes through :func:`preprocess` alone; all must share one size (one frame for the stack).
+    a stack of any other length is refused here rather than failing inside the engine. All slices
+    must share one size (one frame for the stack); MA-SAM normalises over the stack as a whole.
     """
     if isinstance(stack, np.ndarray) and stack.ndim not in (3, 4):
         raise StackDepthError(
@@ -214,24 +285,20 @@ def preprocess_stack(stack, pre: Preprocessing, depth: int) -> tuple[np.ndarray,
             hint=f"pass the {depth} slices around the slice of interest, edges replicated "
                  f"(Volume.stack(index, {depth}))" if depth > 1 else "use set_image",
         )
-    tensors, frames = zip(*(preprocess(image, pre) for image in slices))
-    sizes = sorted({frame.original_hw for frame in frames})
+    sources = [source_image(image, pre, window) for image in slices]
+    sizes = sorted({image.shape[:2] for image in sources})
     if len(sizes) > 1:
         raise ImageError(f"the slices of a stack must share one size; got {sizes}",
                          hint="pass adjacent slices of one volume")
-    return np.concatenate(tensors), frames[0]
-
-
-def apply_window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
-    """Clip to ``[level - width/2, level + width/2]`` and stretch linearly to 0..255."""
-    low = level - width / 2.0
-    scaled = (np.clip(hu.astype(np.float64), low, low + width) - low) * 255.0 / width
-    return np.rint(scaled).astype(np.uint8)
+    height, width = sizes[0]
+    frame = ImageFrame((height, width), resized_shape(height, width, pre), pre.image_size)
+    return _encoder_input(sources, pre), frame
 
 
 def window_ct(hu: np.ndarray, pre: Preprocessing) -> np.ndarray:
     """Raw CT in Hounsfield units → the uint8 (H, W) image a CT-trained family expects, with the
-    window it recorded (``pre.ct_window``: SAMed [-125, 275], MA-SAM [-200, 250] HU)."""
+    window it recorded (``pre.ct_window``: SAMed [-125, 275], MA-SAM [-200, 250] HU). Passing the
+    HU itself with ``window="model"`` keeps the precision the uint8 rounding drops."""
     if pre.ct_window is None:
         raise ImageError("this model records no CT window",
                          hint="pass display-ready images, or window the data yourself")

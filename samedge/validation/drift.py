@@ -145,7 +145,7 @@ def measure_variant(bundle: Bundle, backend: str, precision: str, slices: Sequen
     """Run one backend/precision through the Predictor and compare with the references.
 
     ``predictor``: an already opened Predictor (e.g. with a candidate graph not yet in a bundle);
-    ``observe(item, kind, index, got_logits, want_logits, dice)`` sees every prompt's masks.
+    ``observe(item, kind, index, got_mask, want_mask, dice)`` sees every prompt's boolean masks.
     """
     if predictor is None:
         predictor = Predictor(bundle, backend=backend, precision=precision, threads=threads,
@@ -168,14 +168,15 @@ def measure_variant(bundle: Bundle, backend: str, precision: str, slices: Sequen
         drift.logits_mean_abs.append(float(err.mean()))
         drift.score_max_abs = max(drift.score_max_abs,
                                   float(np.abs(boxes.scores - ref.box_scores).max()))
+        threshold = predictor.pre.mask_threshold  # logits > 0, or MedSAM's probabilities > 0.5
         for kind, got, want in pairs:
             for index in range(got.shape[0]):
-                a, b = got[index, 0] > 0, want[index, 0] > 0
+                a, b = got[index, 0] > threshold, want[index, 0] > threshold
                 drift.dice.append(dice(a, b))
                 drift.iou.append(iou(a, b))
                 drift.cases.append((item.name, f"{kind} {index}", drift.dice[-1]))
                 if observe is not None:
-                    observe(item, kind, index, got[index, 0], want[index, 0], drift.dice[-1])
+                    observe(item, kind, index, a, b, drift.dice[-1])
     return drift
 
 
