@@ -12,6 +12,17 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures that export a real model or run the pipeline: a test that uses one is in the slow lane
+# (`pytest -m "not slow"` skips it); modules that export in every test mark themselves.
+SLOW_FIXTURES = frozenset({"litemedsam_bundle", "bundle_copy", "small_checkpoints", "bundles",
+                           "cards", "pipelines", "ckpt"})
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 from samedge.data.bundled import bundled_slices
 
 

@@ -19,6 +19,8 @@ from samedge.models.sam import SamConfig
 from samedge.runtime import Predictor
 from samedge.runtime.transforms import preprocess
 
+pytestmark = pytest.mark.slow  # every test here exports models
+
 SMALL_VIT = SamConfig(embed_dim=96, depth=2, num_heads=2, global_attn_indexes=(1,),
                       image_size=256)
 

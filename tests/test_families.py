@@ -416,6 +416,7 @@ def test_medsa_base_fills_missing_frozen_tensors(files, tmp_path):
 
 
 # -- export-friendliness ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_merged_encoders_export_without_einsum_or_scatter(files, samed_card, masam_card, tmp_path):
     lora = _save(ul.medsa_checkpoint(ul.medsa_state(mode="lora", rel_values="random")), tmp_path / "l.pth")
     rel3d = _save(ul.medsa_checkpoint(ul.medsa_state(rel="rel_pos", rel_values="random")), tmp_path / "r.pth")

@@ -37,6 +37,8 @@ from samedge.models.reference import TorchReference
 from samedge.models.samed import SAMED_CT_WINDOW
 from samedge.runtime import Predictor
 
+pytestmark = pytest.mark.slow  # every test here exports models
+
 SMALL = ul.SMALL
 MASAM_DEPTH, MEDSA_DEPTH = 3, 4
 AGREEMENT = 0.999

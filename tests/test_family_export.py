@@ -30,6 +30,8 @@ from samedge.runtime import Predictor, transforms
 from samedge.runtime.transforms import preprocess, preprocess_stack
 from samedge.validation.drift import measure_drift
 
+pytestmark = pytest.mark.slow  # every test here exports models
+
 EMBEDDING_TOL, LOGIT_TOL, LABEL_AGREEMENT = 5e-4, 1e-4, 0.999
 SMALL = ul.SMALL
 BACKENDS = ("onnxruntime", "openvino")

@@ -116,6 +116,7 @@ def test_mbconv_and_patch_merging_are_exact(model, block_inputs):
             assert (got - expected).abs().max() <= 5e-6 * max(1.0, expected.abs().max())
 
 
+@pytest.mark.slow
 def test_rewritten_encoder_matches_on_real_ct(model, ct_tensor, block_inputs):
     _, expected = block_inputs
     rewritten = rewrites.export_ready(model.image_encoder)
@@ -138,6 +139,7 @@ def _decoder_cases(card, model, images):
             for case in decoder_cases(card, embeddings, images)]
 
 
+@pytest.mark.slow
 def test_fast_prompt_decoder_matches_on_real_prompts(litemedsam_card, model, ct):
     """B = 1, 5, 16 prompts; boxes, clicks with padding, 5-point prompts, mask prompts."""
     decoder = PromptDecoder(model, litemedsam_card.image_size).eval()

@@ -68,6 +68,7 @@ def test_sam_matches_resize_longest_side(real_slices):
         assert _worst(got, up.sam_input(item.image)) <= TOL, item.name
 
 
+@pytest.mark.slow
 def test_medsam_matches_skimage_resize(real_slices):
     pre = medsam_preprocessing(VIT_B)
     chosen = [s for s in real_slices if s.name in ("CT_small.dcm", "693_J2KI.dcm",

@@ -47,6 +47,19 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 
+def output_errors(drift) -> dict:
+    """Embedding and logit error summary, shared by prompt and semantic drift records."""
+    return {
+        "embedding_max_abs": drift.embedding_max_abs,
+        "embedding_cosine_min": drift.embedding_cosine_min,
+        **({"embedding_cosine_mean": float(np.mean(drift.embedding_cosine)),
+            "embedding_rel_err_max": float(np.max(drift.embedding_rel_err))}
+           if drift.embedding_cosine else {}),
+        "logits_max_abs": drift.logits_max_abs,
+        "logits_mean_abs": float(np.mean(drift.logits_mean_abs)),
+    }
+
+
 @dataclass
 class ReferenceOutputs:
     """FP32 torch outputs for one slice, computed once and shared by every variant."""
@@ -83,13 +96,7 @@ class VariantDrift:
             "prompts": len(self.dice),
             "dice_mean": float(dices.mean()), "dice_min": float(dices.min()),
             "iou_mean": float(np.mean(self.iou)), "iou_min": float(np.min(self.iou)),
-            "embedding_max_abs": self.embedding_max_abs,
-            "embedding_cosine_min": self.embedding_cosine_min,
-            **({"embedding_cosine_mean": float(np.mean(self.embedding_cosine)),
-                "embedding_rel_err_max": float(np.max(self.embedding_rel_err))}
-               if self.embedding_cosine else {}),
-            "logits_max_abs": self.logits_max_abs,
-            "logits_mean_abs": float(np.mean(self.logits_mean_abs)),
+            **output_errors(self),
             "iou_prediction_max_abs": self.score_max_abs,
             "worst": [{"slice": s, "prompt": p, "dice": d} for s, p, d in worst],
         }
@@ -256,13 +263,7 @@ class SemanticDrift:
             "class_dice_mean": {c: float(np.mean(v)) for c, v in sorted(self.class_dice.items())},
             "class_dice_min": {c: float(np.min(v)) for c, v in sorted(self.class_dice.items())},
             "dice_mean": float(dices.mean()), "dice_min": float(dices.min()),
-            "embedding_max_abs": self.embedding_max_abs,
-            "embedding_cosine_min": self.embedding_cosine_min,
-            **({"embedding_cosine_mean": float(np.mean(self.embedding_cosine)),
-                "embedding_rel_err_max": float(np.max(self.embedding_rel_err))}
-               if self.embedding_cosine else {}),
-            "logits_max_abs": self.logits_max_abs,
-            "logits_mean_abs": float(np.mean(self.logits_mean_abs)),
+            **output_errors(self),
             "worst": [{"slice": s, "prompt": p, "dice": d} for s, p, d in worst],
             "worst_agreement": [{"slice": s, "pixel_agreement": a}
                                 for s, a in agreement[:worst_k]],
