@@ -301,6 +301,15 @@ def cmd_info(args, steps) -> int:
     return 0
 
 
+def cmd_doctor(args, steps) -> int:
+    from samedge.doctor import doctor
+
+    report = doctor(args.bundle, args.target)
+    for line in report.lines():
+        console.print(escape(line), soft_wrap=True)
+    return report.exit_code
+
+
 # -- calibrate / build / validate: argument parsing here, logic in samedge.calibration.build ------
 GRAPH_NAMES = ("encoder", "decoder")
 GATE_OPTIONS = (("max_dice_drop", "max_mean_dice_drop"), ("min_worst_dice", "min_worst_dice"),
@@ -470,11 +479,21 @@ def cmd_build(args, steps) -> int:
                           clicks=bundle.model.get("prompt") == "points")
     search = SearchOptions(method=args.search, tune_on=args.tune_on,
                            max_evaluations=args.max_evaluations)
+    engine_options = None
+    if args.backend == "tensorrt":
+        from samedge.export.tensorrt import EngineOptions
+
+        engine_options = EngineOptions(
+            max_prompts=args.engine_max_prompts, max_points=args.engine_max_points,
+            max_images=args.engine_max_images, workspace_gib=args.engine_workspace_gib,
+            version_compatible=args.engine_version_compatible,
+            hardware_compatible=args.engine_hardware_compatible)
     with _Notes():
         result = build_variants(args.bundle, args.precision, args.backend, graphs, calibration,
                                 validation, prompts=policy, gates=gates, search=search,
                                 ort_calibration=args.calibration_method, threads=args.threads,
-                                steps=steps, layer_errors=not args.no_layer_errors)
+                                steps=steps, layer_errors=not args.no_layer_errors,
+                                engine_options=engine_options)
     console.print(build_table(result))
     if result.combined:
         summary = result.combined["drift"].summary()
@@ -520,7 +539,9 @@ def cmd_validate(args, steps) -> int:
     with _Notes():
         result = validate_bundle(args.bundle, args.data, gates=gates, window=args.window,
                                  count=args.count, report_dir=args.report, jitter=args.jitter,
-                                 threads=args.threads, steps=steps, **options)
+                                 threads=args.threads, steps=steps,
+                                 backends=args.backend.split(",") if args.backend else None,
+                                 **options)
     data = "bundled real slices" if not args.data else ", ".join(map(str, args.data))
     console.print(validation_table(result, escape(
         f"samedge validate: every variant vs the FP32 PyTorch model on {data} "
@@ -591,6 +612,21 @@ def _add_quantization_commands(sub) -> None:
     p.add_argument("--no-layer-errors", action="store_true",
                    help="skip the per-layer error localisation in the report")
     _add_gate_args(p, "the built precision")
+    engine = p.add_argument_group("TensorRT engines (--backend tensorrt)")
+    engine.add_argument("--engine-max-prompts", type=int, default=16, metavar="B",
+                        help="largest prompt batch per decoder call in the optimisation profile; "
+                             "the runtime splits larger batches (default 16)")
+    engine.add_argument("--engine-max-points", type=int, default=16, metavar="N",
+                        help="most points per prompt (a box is 2; default 16)")
+    engine.add_argument("--engine-max-images", type=int, default=16, metavar="K",
+                        help="semantic decoders: most slices per call (default 16, at least the "
+                             "model's depth); the runtime splits larger stacks")
+    engine.add_argument("--engine-workspace-gib", type=float, default=2.0, metavar="GIB",
+                        help="builder workspace limit (default 2; 1 on an 8 GB Orin Nano)")
+    engine.add_argument("--engine-version-compatible", action="store_true",
+                        help="engines that later TensorRT versions also run (slower)")
+    engine.add_argument("--engine-hardware-compatible", action="store_true",
+                        help="engines for any Ampere-or-later discrete GPU (slower; not Jetson)")
     p.set_defaults(func=cmd_build, strict_exit=True)
 
     p = sub.add_parser("validate", help="re-measure every variant of a bundle against FP32 "
@@ -608,6 +644,9 @@ def _add_quantization_commands(sub) -> None:
                    help="boxes-from-masks: random shift per side, fraction of the box size")
     p.add_argument("--report", type=Path, default=None, metavar="DIR",
                    help="report folder (default: BUNDLE-validation next to the bundle)")
+    p.add_argument("--backend", default=None, metavar="onnxruntime,openvino,tensorrt",
+                   help="measure only these backends' variants (default: ONNX Runtime and "
+                        "OpenVINO, and TensorRT where it is installed)")
     _add_gate_args(p, "every reduced-precision variant")
     p.set_defaults(func=cmd_validate, strict_exit=True)
 
@@ -669,6 +708,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("doctor", help="what a TensorRT version can parse of a bundle, and what "
+                                      "this machine can run (no TensorRT needed)")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--target", default=None, metavar="tensorrt-X.Y",
+                   help="check the graphs against this TensorRT version's ONNX parser (default: "
+                        "the installed TensorRT, if any)")
+    p.set_defaults(func=cmd_doctor)
 
     _add_quantization_commands(sub)
     return parser

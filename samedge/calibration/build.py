@@ -48,7 +48,7 @@ from samedge.calibration.quantize import (
 from samedge.calibration.references import Measured, centre, references_for
 from samedge.calibration.sources import Slice, bundled_slices, bundled_stacks, read_stacks
 from samedge.calibration.windows import Window, parse_window
-from samedge.errors import BackendUnavailableError, DataSourceError, SamedgeError
+from samedge.errors import BackendUnavailableError, BundleError, DataSourceError, SamedgeError
 from samedge.export.bundle import BundleWriter, write_json_atomic
 from samedge.export.openvino import opt_out_of_telemetry
 from samedge.progress import Steps
@@ -62,10 +62,10 @@ GRAPHS = ("encoder", "decoder")
 TARGETS = {
     "openvino": {"int8": "openvino_ir", "fp16": "openvino_ir"},
     "onnxruntime": {"int8": "onnx", "fp16": "onnx"},
-    # TensorRT builds its engines from these ONNX graphs on the target; here they are validated
-    # on ONNX Runtime (no TensorRT builder can be installed on this machine).
-    "tensorrt": {"int8": "onnx", "fp16": "onnx"},
 }
+# `build --backend tensorrt`: the ONNX graphs above (built first where missing), then engines
+# (samedge.calibration.engines).
+BACKENDS = (*TARGETS, "tensorrt")
 MANIFEST_KEEP = ("model", "preprocessing", "graphs", "validation_inputs", "calibration",
                  "default_variant")
 
@@ -573,19 +573,23 @@ def build_variants(
     steps: Steps | None = None,
     report: bool = True,
     layer_errors: bool = True,
+    engine_options=None,
 ) -> BuildResult:
     """Add ``precision`` variants for ``backend`` to the bundle; only gate-passing ones stay.
 
     ``validation``: slices (stacks of D adjacent slices for depth models) the gate is measured
     on (default: the bundled real slices or stacks, with ``prompts`` — auto boxes, plus centre
-    clicks for point-trained families; semantic families need no prompt).
+    clicks for point-trained families; semantic families need no prompt). ``backend``
+    "tensorrt": the ONNX graphs of ``precision`` (built here first where the bundle lacks them),
+    then one engine each, measured and gated itself (``engine_options``: profile limits,
+    workspace, portability; :class:`samedge.export.tensorrt.EngineOptions`).
     """
     steps = steps or Steps(quiet=True)
     started = time.perf_counter()
     if precision not in PRECISIONS:
         raise SamedgeError(f"precision {precision!r} is not built here", hint=f"use {PRECISIONS}")
-    if backend not in TARGETS:
-        raise SamedgeError(f"unknown backend {backend!r}", hint=f"use one of {sorted(TARGETS)}")
+    if backend not in BACKENDS:
+        raise SamedgeError(f"unknown backend {backend!r}", hint=f"use one of {sorted(BACKENDS)}")
     unknown = [g for g in graphs if g not in GRAPHS]
     if unknown or not graphs:
         raise SamedgeError(f"unknown graph(s) {', '.join(unknown) or '(none)'}",
@@ -594,7 +598,9 @@ def build_variants(
         raise SamedgeError("accuracy control 'nncf' (quantize_with_accuracy_control) works on "
                            "OpenVINO models only", hint="use --search search for ONNX graphs")
     if backend == "tensorrt":
-        require_tensorrt(precision)
+        return _build_tensorrt(bundle_path, precision, graphs, calibration, validation, prompts,
+                               gates, search, nncf_config, ort_calibration, card, threads, steps,
+                               report, layer_errors, engine_options)
     bundle_path = Path(bundle_path)
     bundle = Bundle(bundle_path)
     card = _card_for(bundle, card)
@@ -733,8 +739,6 @@ def build_variants(
         })
         manifest = writer.commit(fields)
     result = BuildResult(bundle_path, manifest, added, rejected, combined, timings)
-    if backend == "tensorrt" and added:
-        result.manifest = add_tensorrt_engines(bundle_path, added, precision, steps)
     if report:
         from samedge.calibration.report import write_report
 
@@ -835,48 +839,49 @@ def at_least(target: Gate, gate: Gate) -> Gate:
 
 
 def require_tensorrt(precision: str) -> None:
-    """``build --backend tensorrt`` builds engines, which needs TensorRT on this machine."""
+    """``build --backend tensorrt`` builds engines, which needs a supported TensorRT here."""
     from samedge.export.tensorrt import _tensorrt
+    from samedge.runtime.backends.trt_compat import check_supported
 
     try:
-        _tensorrt()
+        check_supported(_tensorrt().__version__)
     except BackendUnavailableError as exc:
         raise BackendUnavailableError(
             f"cannot build TensorRT {precision} engines here: {exc.args[0]}",
-            hint="TensorRT engines are built on the target GPU/Jetson that runs them. On this "
-                 f"machine `samedge build BUNDLE --backend onnxruntime --precision {precision}` "
-                 "builds and validates the graph TensorRT consumes ("
+            hint=(exc.hint + "; " if exc.hint else "") + "TensorRT engines are built on the "
+                 "target GPU/Jetson that runs them. On this machine `samedge build BUNDLE "
+                 f"--backend onnxruntime --precision {precision}` builds and validates the graph "
+                 "TensorRT consumes ("
                  + ("explicit Q/DQ INT8 ONNX" if precision == "int8" else
                     "mixed FP16 ONNX, LayerNorm/softmax in FP32")
                  + "); run `--backend tensorrt` on the target to turn it into an engine",
         ) from exc
 
 
-def add_tensorrt_engines(bundle_path: Path, candidates: Sequence[Candidate], precision: str,
-                         steps: Steps) -> dict:
-    """Build one engine per gate-passing ONNX graph on this GPU and add it to the bundle next to
-    the graph it was built from. Its drift is that graph's (measured on ONNX Runtime); written to
-    TensorRT's documented API and not run in this repository (no TensorRT here)."""
-    from samedge.export.tensorrt import build_engine
+def _build_tensorrt(bundle_path, precision, graphs, calibration, validation, prompts, gates,
+                    search, nncf_config, ort_calibration, card, threads, steps, report,
+                    layer_errors, engine_options) -> BuildResult:
+    """``build --backend tensorrt``: the ONNX graphs of ``precision`` the bundle lacks (built and
+    gated on ONNX Runtime, as ``--backend onnxruntime`` does), then engines from them."""
+    from samedge.calibration.engines import build_engines
+    from samedge.export.tensorrt import EngineOptions
 
+    require_tensorrt(precision)
     bundle = Bundle(bundle_path)
-    with BundleWriter(bundle_path) as writer:
-        writer.adopt(bundle_path, bundle.artifacts)
-        (writer.staging / "tensorrt").mkdir(exist_ok=True)
-        for candidate in candidates:
-            source = bundle.find(candidate.graph, "onnxruntime", precision)
-            inputs = {i["name"]: tuple(i["shape"])
-                      for i in bundle.manifest["graphs"][candidate.graph]["inputs"]}
-            engine = writer.staging / "tensorrt" / f"{candidate.graph}_{precision}.engine"
-            with steps.step(f"TensorRT {precision} engine for the {candidate.graph}"):
-                files = build_engine(bundle.entry_path(source), engine, inputs, precision)
-            writer.add_artifact(candidate.graph, "tensorrt_engine", precision, files,
-                                built_from=source["entry"],
-                                engine=json.loads(Path(files[1]).read_text()),
-                                validation=source.get("validation", {}))
-        fields = {k: copy.deepcopy(bundle.manifest[k]) for k in (*MANIFEST_KEEP, "builds")
-                  if k in bundle.manifest}
-        return writer.commit(fields)
+    have = {(a["graph"], a["format"], a["precision"]) for a in bundle.artifacts}
+    missing = [g for g in graphs if (g, "onnx", precision) not in have]
+    onnx_step = None
+    if missing:
+        onnx_step = build_variants(bundle_path, precision, "onnxruntime", missing, calibration,
+                                   validation, prompts, gates, search, nncf_config,
+                                   ort_calibration, card, threads, steps, report=False,
+                                   layer_errors=layer_errors)
+        bundle = Bundle(bundle_path)
+    policy = prompts or PromptPolicy(clicks=bundle.model.get("prompt") == "points")
+    items = list(validation) if validation is not None else default_validation(bundle)
+    return build_engines(bundle_path, precision, graphs, items, policy, gates or GateSet(),
+                         engine_options or EngineOptions(), card, threads, steps or Steps(quiet=True),
+                         report, onnx_step)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -960,8 +965,8 @@ def validate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None =
                     window: Window | None = None, count: int = 100,
                     report_dir: str | Path | None = None, jitter: float = 0.0,
                     prompts_file: Path | None = None, card=None, threads: int | None = None,
-                    steps: Steps | None = None, slices: Sequence[Item] | None = None
-                    ) -> ValidationResult:
+                    steps: Steps | None = None, slices: Sequence[Item] | None = None,
+                    backends: Sequence[str] | None = None) -> ValidationResult:
     """``samedge validate BUNDLE --data DIR --prompts boxes-from-masks --max-dice-drop 0.01``.
 
     Re-measures every reduced-precision variant in the bundle (encoder and decoder artifacts of
@@ -969,11 +974,27 @@ def validate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None =
     against the FP32 PyTorch model, gates each, and writes the report. Exit code 0/1 via
     ``ValidationResult.exit_code``. The bundle is not modified. Depth models read ``data`` as
     volumes (two stacks of D adjacent slices each); semantic families are gated on their label
-    maps' per-class Dice (no prompts).
+    maps' per-class Dice (no prompts). ``backends``: which backends' variants (default ONNX
+    Runtime and OpenVINO, and TensorRT where it is installed); TensorRT alone, on a device that
+    cannot rebuild the PyTorch model, is measured against the FP32 ONNX on ONNX Runtime CPU.
     """
+    from samedge.runtime.backends import installed
+
     steps = steps or Steps(quiet=True)
     bundle_path = Path(bundle_path)
     bundle = Bundle(bundle_path)
+    if backends is None:
+        backends = ("onnxruntime", "openvino", *(("tensorrt",) if installed("tensorrt") else ()))
+    backends = tuple(backends)
+    if "tensorrt" in backends:  # refuse before the slow reference, not at the first engine
+        from samedge.export.tensorrt import _tensorrt
+        from samedge.runtime.backends.trt_compat import check_supported
+
+        check_supported(_tensorrt().__version__)
+    combos = bundle_variants(bundle, backends)
+    if not combos:
+        raise BundleError(f"the bundle has no variant {', '.join(backends)} can run",
+                          hint="samedge build BUNDLE --backend tensorrt builds engines")
     gates = gates or GateSet()
     policy = PromptPolicy(mode=prompts, jitter=jitter, prompts_file=prompts_file,
                           clicks=bundle.model.get("prompt") == "points")
@@ -986,17 +1007,22 @@ def validate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None =
         slices = load_slices(data, count, normalize_window(window))
     if not slices:
         raise DataSourceError(f"no validation slices in {data}")
-    card = _card_for(bundle, card)  # after the data checks: building the model takes seconds
-    with steps.step(f"FP32 PyTorch reference on {len(slices)} slices"):
-        measured = references_for(card, slices, policy, Steps(quiet=True))
+    reference = None
+    if backends == ("tensorrt",):  # on the target: PyTorch if it can be rebuilt, else ONNX FP32
+        from samedge.calibration.engines import engine_references
+
+        measured, reference = engine_references(bundle, slices, policy, card, steps)
+    else:
+        card = _card_for(bundle, card)  # after the data checks: building the model takes seconds
+        with steps.step(f"FP32 PyTorch reference on {len(slices)} slices"):
+            measured = references_for(card, slices, policy, Steps(quiet=True))
     variants = {}
     worst_cases: list = []
     names = measured.names
-    combos = bundle_variants(bundle)
     default = bundle.manifest.get("default_variant") or {}
     chosen = (default.get("backend"), default.get("precision"),
               default.get("decoder_precision", default.get("precision")))
-    if chosen[0] in ("onnxruntime", "openvino") and None not in chosen and chosen not in combos:
+    if chosen[0] in backends and None not in chosen and chosen not in combos:
         # the pipeline's pick may be a mixed pair (INT8 encoder, FP32 decoder)
         combos.append(chosen)
     for backend, encoder, decoder in combos:
@@ -1010,6 +1036,8 @@ def validate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None =
         gate = gates.evaluate(precision, drift.summary()) if precision != "fp32" else None
         variants[label] = validation_entry(drift, gate, names,
                                            {"encoder": encoder, "decoder": decoder})
+        if reference:
+            variants[label]["reference"] = reference
     passed = all(v["gate"]["passed"] for v in variants.values() if "gate" in v)
     out = Path(report_dir) if report_dir else bundle_path.parent / f"{bundle_path.name}-validation"
     from samedge.calibration.report import write_report
@@ -1022,18 +1050,22 @@ def validate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None =
     return ValidationResult(passed, variants, out)
 
 
-def bundle_variants(bundle: Bundle) -> list[tuple[str, str, str]]:
+def bundle_variants(bundle: Bundle, backends: Sequence[str] = ("onnxruntime", "openvino")
+                    ) -> list[tuple[str, str, str]]:
     """(backend, encoder precision, decoder precision) the Predictor can run from this bundle:
     FP32, and per reduced precision every graph that has it (the other graph FP32) — so an INT8
     encoder whose INT8 decoder was kept out is still validated, with the FP32 decoder. Reduced
     precisions count in the backend's own format; the FP32 partner may be any format it reads
-    (OpenVINO runs an FP32 ONNX decoder beside an INT8 IR encoder)."""
+    (OpenVINO runs an FP32 ONNX decoder beside an INT8 IR encoder; TensorRT only engines)."""
     from samedge.runtime.bundle import BACKEND_FORMATS
 
     have = {(a["graph"], a["format"], a["precision"]) for a in bundle.artifacts}
     order = {"fp32": 0, "fp16": 1, "int8": 2}
     out = []
-    for backend, fmt in (("onnxruntime", "onnx"), ("openvino", "openvino_ir")):
+    for backend, fmt in (("onnxruntime", "onnx"), ("openvino", "openvino_ir"),
+                         ("tensorrt", "tensorrt_engine")):
+        if backend not in backends:
+            continue
         readable = BACKEND_FORMATS[backend]
 
         def runs(graph: str, precision: str) -> bool:

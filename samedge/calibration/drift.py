@@ -14,17 +14,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from samedge.calibration.prompts import auto_boxes, box_centres
 from samedge.calibration.sources import Slice, bundled_stacks
-from samedge.models.card import ModelCard
-from samedge.models.reference import TorchReference
 from samedge.progress import Steps
 from samedge.runtime.bundle import Bundle
 from samedge.runtime.predictor import Predictor
+
+if TYPE_CHECKING:  # torch only where a PyTorch reference is computed: engines are measured on
+    # devices without torch against the FP32 ONNX (samedge.calibration.engines)
+    from samedge.models.card import ModelCard
+    from samedge.models.reference import TorchReference
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -127,6 +130,8 @@ def encode(target: Predictor | TorchReference, item: Item) -> Slice:
 def reference_outputs(card: ModelCard, slices: Sequence[Item],
                       prompts: Callable[[np.ndarray], PromptSet], steps: Steps
                       ) -> list[tuple[ReferenceOutputs, PromptSet]]:
+    from samedge.models.reference import TorchReference
+
     reference = TorchReference(card)
     results = []
     for entry in steps.track(slices, "FP32 PyTorch reference", total=len(slices)):
@@ -293,6 +298,8 @@ def _names(item: Item) -> list[str]:
 
 def semantic_references(card: ModelCard, items: Sequence[Item], steps: Steps
                         ) -> list[SemanticReference]:
+    from samedge.models.reference import TorchReference
+
     reference = TorchReference(card)
     results = []
     for item in steps.track(items, "FP32 PyTorch reference", total=len(items)):
