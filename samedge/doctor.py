@@ -195,8 +195,9 @@ def machine() -> dict[str, str]:
     for line in text.splitlines():
         if line.startswith(("flags", "Features")):
             flags.update(line.split(":", 1)[1].split())
+    isa = ", ".join(f for f in ISA_FLAGS if f in flags) or "none of " + ", ".join(ISA_FLAGS)
     out["cpu"] = (model.group(1).strip() if model else platform.processor() or "unknown") + \
-        f"; ISA: {', '.join(f for f in ISA_FLAGS if f in flags) or 'none of ' + '/'.join(ISA_FLAGS[:4])}"
+        f"; ISA: {isa}"
     return out
 
 

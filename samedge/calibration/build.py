@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import logging
 import shutil
 import tempfile
@@ -880,8 +879,8 @@ def _build_tensorrt(bundle_path, precision, graphs, calibration, validation, pro
     policy = prompts or PromptPolicy(clicks=bundle.model.get("prompt") == "points")
     items = list(validation) if validation is not None else default_validation(bundle)
     return build_engines(bundle_path, precision, graphs, items, policy, gates or GateSet(),
-                         engine_options or EngineOptions(), card, threads, steps or Steps(quiet=True),
-                         report, onnx_step)
+                         engine_options or EngineOptions(), card, threads,
+                         steps or Steps(quiet=True), report, onnx_step)
 
 
 # -------------------------------------------------------------------------------------------------
