@@ -695,8 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modality of files that do not record it (NIfTI: MR by default; CT "
                         "windows it in HU)")
     p.add_argument("--backend", default=None,
-                   help="onnxruntime or openvino (default: the bundle's default variant, "
-                        "recorded by `samedge pipeline`, else the first installed)")
+                   help="onnxruntime, openvino or tensorrt (default: the bundle's default "
+                        "variant, recorded by `samedge pipeline`, else the first installed)")
     p.add_argument("--precision", default=None,
                    help="fp32, fp16 or int8 (default: the bundle's default variant, else fp32)")
     p.add_argument("-o", "--out", type=Path, default=Path("mask"),
