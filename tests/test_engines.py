@@ -145,3 +145,26 @@ def test_validate_tensorrt_without_tensorrt_stops_before_the_reference(litemedsa
 
     assert main(["--quiet", "validate", str(litemedsam_bundle), "--backend", "tensorrt"]) == 2
     assert "TensorRT is not importable" in capsys.readouterr().err
+
+
+def test_build_backend_tensorrt_reuses_the_bundles_onnx_graph(fp16_bundle, fake_tensorrt_build,
+                                                              litemedsam_card, real_slices,
+                                                              monkeypatch):
+    """``build --backend tensorrt`` on a bundle that already holds the gated FP16 ONNX graph (as
+    a workstation's ``--backend onnxruntime`` leaves it) goes straight to the engines."""
+    import sys
+
+    import fake_tensorrt
+    from samedge.calibration.build import build_variants
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make("10.3.0"))
+    before = next(a for a in Bundle(fp16_bundle).artifacts if a["format"] == "onnx"
+                  and a["precision"] == "fp16")
+    items = [s for s in real_slices if s.name == "CT_small.dcm"]
+    result = build_variants(fp16_bundle, "fp16", "tensorrt", ("decoder",), validation=items,
+                            card=litemedsam_card, report=False)
+    assert [c.label() for c in result.added] == ["decoder tensorrt_engine fp16",
+                                                 "encoder tensorrt_engine fp32"]
+    after = next(a for a in Bundle(fp16_bundle).artifacts if a["format"] == "onnx"
+                 and a["precision"] == "fp16")
+    assert after["files"] == before["files"]  # not rebuilt

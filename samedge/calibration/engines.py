@@ -4,9 +4,9 @@ An engine is new arithmetic (TensorRT's kernels, fusions and tactics), so it nev
 verdict of the ONNX graph it was built from: each engine runs through the runtime ``Predictor`` on
 the validation items, is compared with the FP32 reference and gated, and an engine whose gate
 fails is not committed. An engine is first measured alone (the other graph the FP32 ONNX on ONNX
-Runtime CPU), then as the pair the runtime will run — both graphs as engines, an FP32 engine built
-for a graph that has no engine at this precision — so ``Predictor(bundle, backend="tensorrt")``
-always finds a measured pair.
+Runtime CPU), then as the pair the runtime will run — both graphs as engines: the other graph's
+engine of this precision where the bundle has one, else an FP32 engine built for it — so
+``Predictor(bundle, backend="tensorrt")`` always finds a measured pair.
 
 The FP32 reference is the PyTorch model where it can be rebuilt here (torch and the checkpoint
 present); on a device without them (a Jetson) it is the bundle's FP32 ONNX on ONNX Runtime CPU,
@@ -162,9 +162,11 @@ def build_engines(bundle_path: str | Path, precision: str, graphs: Sequence[str]
     gate = gates.for_precision(precision)
     built = [g for g in graphs if any((a["graph"], a["format"], a["precision"]) ==
                                       (g, "onnx", precision) for a in bundle.artifacts)]
-    measured, reference = engine_references(bundle, validation, policy, card, steps)
     added: list[Candidate] = list(onnx_step.added) if onnx_step else []
     rejected: list[Candidate] = list(onnx_step.rejected) if onnx_step else []
+    if not built:  # every ONNX graph of this precision was kept out: nothing to build from
+        return BuildResult(bundle_path, bundle.manifest, added, rejected)
+    measured, reference = engine_references(bundle, validation, policy, card, steps)
     deploy: dict = {}
     with BundleWriter(bundle_path) as writer:
         replaced = {(g, ENGINE, precision) for g in built}
@@ -192,10 +194,13 @@ def build_engines(bundle_path: str | Path, precision: str, graphs: Sequence[str]
                 deploy = {}
         kept = [c for c in candidates if c.kept]
         partners: list[Candidate] = []
-        if len(kept) == 1:  # the other graph runs as an FP32 engine: build it, measure the pair
+        if len(kept) == 1:  # pair it with the other graph's engine at this precision, else FP32
             one = kept[0]
             other = next(g for g in GRAPHS if g != one.graph)
-            partner_path = engines.existing(other, "fp32")
+            partner_precision = precision
+            partner_path = engines.existing(other, precision)
+            if partner_path is None:
+                partner_precision, partner_path = "fp32", engines.existing(other, "fp32")
             if partner_path is None:
                 partner = engines.build(other, "fp32")
                 if partner.files:
@@ -206,13 +211,13 @@ def build_engines(bundle_path: str | Path, precision: str, graphs: Sequence[str]
                     one.held_back = f"no FP32 {other} engine to pair with: {partner.error}"
             if partner_path is not None:
                 drift = engines.measure({one.graph: one.files[0], other: partner_path},
-                                        f"{one.label()} + {other} fp32 engine")
+                                        f"{one.label()} + {other} {partner_precision} engine")
                 deploy = {"drift": drift, "gate": gate.evaluate(drift.summary()),
-                          one.graph: precision, other: "fp32"}
+                          one.graph: precision, other: partner_precision}
                 if not deploy["gate"].passed:
-                    one.held_back = (f"passes beside the FP32 ONNX {other}, but beside the FP32 "
-                                     f"{other} engine the pair drifts beyond the gate "
-                                     f"({'; '.join(deploy['gate'].reasons)})")
+                    one.held_back = (f"passes beside the FP32 ONNX {other}, but beside the "
+                                     f"{partner_precision} {other} engine the pair drifts beyond "
+                                     f"the gate ({'; '.join(deploy['gate'].reasons)})")
                     partners, deploy = [], {}
         kept = [c for c in candidates if c.kept]
         for c in candidates:
