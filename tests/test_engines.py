@@ -155,6 +155,7 @@ def test_build_backend_tensorrt_reuses_the_bundles_onnx_graph(fp16_bundle, fake_
     import sys
 
     import fake_tensorrt
+
     from samedge.calibration.build import build_variants
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make("10.3.0"))
