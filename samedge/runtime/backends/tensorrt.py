@@ -42,6 +42,10 @@ class TensorRtBackend:
         check_supported(trt.__version__)
         record = engine_record(path)
         check_engine_compatibility(record, trt.__version__, gpu_compute_capability())
+        if "profile" not in record:
+            raise EngineCompatibilityError(
+                f"{Path(path).name}'s record has no optimisation profile (an older samedge built "
+                "it)", hint="rebuild it on this device: samedge build BUNDLE --backend tensorrt")
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         runtime.engine_host_code_allowed = bool(record.get("version_compatible"))
         engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
