@@ -39,9 +39,9 @@ for path in (REPO, HERE):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from samedge.runtime.cpu import cpu_name, isa_summary  # noqa: E402
-
 from workload import bundle_or_export, gemm_seconds, pick_image  # noqa: E402
+
+from samedge.runtime.cpu import cpu_name, isa_summary  # noqa: E402
 
 STAGES = (("stem", ("/patch_embed/", "/layers.0/")), ("stage 1", ("/layers.1/",)),
           ("stage 2", ("/layers.2/",)), ("stage 3", ("/layers.3/",)), ("neck", ("/neck/",)))

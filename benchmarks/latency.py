@@ -42,9 +42,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from samedge.pipeline.timing import interleaved  # noqa: E402
-from samedge.runtime.cpu import cpu_name, isa_summary  # noqa: E402
-
 from workload import (  # noqa: E402
     bundle_or_export,
     count_flops,
@@ -53,6 +50,9 @@ from workload import (  # noqa: E402
     make_boxes,
     pick_image,
 )
+
+from samedge.pipeline.timing import interleaved  # noqa: E402
+from samedge.runtime.cpu import cpu_name, isa_summary  # noqa: E402
 
 RUNTIME_VARIANTS = {  # name → (backend, precision)
     "ORT FP32": ("onnxruntime", "fp32"),
@@ -177,6 +177,7 @@ def child_rss(args) -> None:
     boxes = make_boxes(image, args.boxes)
     if name == EAGER:
         import torch  # noqa: F401
+
         from samedge.models import build_model
 
         after_import = peak_rss_kib()

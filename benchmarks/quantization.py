@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from samedge.data.bundled import bundled_slices
 from samedge.data.prompts import PromptPolicy, auto_boxes
 from samedge.progress import Steps

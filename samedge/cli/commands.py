@@ -185,7 +185,16 @@ def cmd_info(args, steps) -> int:
     return 0
 
 
-# -- calibrate / build / validate: argument parsing here, logic in samedge.calibration.build ------
+def cmd_doctor(args, steps) -> int:
+    from samedge.doctor import doctor
+
+    report = doctor(args.bundle, args.target)
+    for line in report.lines():
+        console.print(escape(line), soft_wrap=True)
+    return report.exit_code
+
+
+# -- calibrate / build / validate: argument parsing here, logic in samedge.quantize / validation --
 GRAPH_NAMES = ("encoder", "decoder")
 
 
@@ -314,10 +323,20 @@ def cmd_build(args, steps) -> int:
     search = SearchOptions(method=args.search, tune_on=args.tune_on,
                            max_evaluations=args.max_evaluations)
     with _Notes():
+        engine_options = None
+        if args.backend == "tensorrt":
+            from samedge.export.tensorrt import EngineOptions
+
+            engine_options = EngineOptions(
+                max_prompts=args.engine_max_prompts, max_points=args.engine_max_points,
+                max_images=args.engine_max_images, workspace_gib=args.engine_workspace_gib,
+                version_compatible=args.engine_version_compatible,
+                hardware_compatible=args.engine_hardware_compatible)
         result = build_variants(args.bundle, args.precision, args.backend, graphs, calibration,
                                 validation, prompts=policy, gates=gates, search=search,
                                 ort_calibration=args.calibration_method, threads=args.threads,
-                                steps=steps, layer_errors=not args.no_layer_errors)
+                                steps=steps, layer_errors=not args.no_layer_errors,
+                                engine_options=engine_options)
     console.print(build_table(result))
     if result.combined:
         summary = result.combined["drift"].summary()
@@ -347,7 +366,9 @@ def cmd_validate(args, steps) -> int:
     with _Notes():
         result = validate_bundle(args.bundle, args.data, gates=gates, window=args.window,
                                  count=args.count, report_dir=args.report, jitter=args.jitter,
-                                 threads=args.threads, steps=steps, **options)
+                                 threads=args.threads, steps=steps,
+                                 backends=args.backend.split(",") if args.backend else None,
+                                 **options)
     data = "bundled real slices" if not args.data else ", ".join(map(str, args.data))
     console.print(validation_table(result, escape(
         f"samedge validate: every variant vs the FP32 PyTorch model on {data} "

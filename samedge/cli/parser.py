@@ -11,6 +11,7 @@ from pathlib import Path
 from samedge.cli.commands import (
     cmd_build,
     cmd_calibrate,
+    cmd_doctor,
     cmd_export,
     cmd_info,
     cmd_pipeline,
@@ -95,6 +96,21 @@ def _add_quantization_commands(sub, options: FamilyOptions) -> None:
     p.add_argument("--prompts", default="auto", metavar="auto|boxes-from-masks|FILE")
     p.add_argument("--no-layer-errors", action="store_true",
                    help="skip the per-layer error localisation in the report")
+    engine = p.add_argument_group("TensorRT engines (--backend tensorrt)")
+    engine.add_argument("--engine-max-prompts", type=int, default=16, metavar="B",
+                        help="largest prompt batch per decoder call in the optimisation profile; "
+                             "the runtime splits larger batches (default 16)")
+    engine.add_argument("--engine-max-points", type=int, default=16, metavar="N",
+                        help="most points per prompt (a box is 2; default 16)")
+    engine.add_argument("--engine-max-images", type=int, default=16, metavar="K",
+                        help="semantic decoders: most slices per call (default 16, at least the "
+                             "model's depth); the runtime splits larger stacks")
+    engine.add_argument("--engine-workspace-gib", type=float, default=2.0, metavar="GIB",
+                        help="builder workspace limit (default 2; 1 on an 8 GB Orin Nano)")
+    engine.add_argument("--engine-version-compatible", action="store_true",
+                        help="engines that later TensorRT versions also run (slower)")
+    engine.add_argument("--engine-hardware-compatible", action="store_true",
+                        help="engines for any Ampere-or-later discrete GPU (slower; not Jetson)")
     _add_gate_args(p, "the built precision")
     p.set_defaults(func=cmd_build, strict_exit=True)
 
@@ -113,6 +129,9 @@ def _add_quantization_commands(sub, options: FamilyOptions) -> None:
                    help="boxes-from-masks: random shift per side, fraction of the box size")
     p.add_argument("--report", type=Path, default=None, metavar="DIR",
                    help="report folder (default: BUNDLE-validation next to the bundle)")
+    p.add_argument("--backend", default=None, metavar="onnxruntime,openvino,tensorrt",
+                   help="measure only these backends' variants (default: ONNX Runtime and "
+                        "OpenVINO, and TensorRT where it is installed)")
     _add_gate_args(p, "every reduced-precision variant")
     p.set_defaults(func=cmd_validate, strict_exit=True)
 
@@ -162,8 +181,8 @@ def build_parser(options: FamilyOptions = ()) -> argparse.ArgumentParser:
                    help="modality of files that do not record it (NIfTI: MR by default; CT "
                         "windows it in HU)")
     p.add_argument("--backend", default=None,
-                   help="onnxruntime or openvino (default: the bundle's default variant, "
-                        "recorded by `samedge pipeline`, else the first installed)")
+                   help="onnxruntime, openvino or tensorrt (default: the bundle's default "
+                        "variant, recorded by `samedge pipeline`, else the first installed)")
     p.add_argument("--precision", default=None,
                    help="fp32, fp16 or int8 (default: the bundle's default variant, else fp32)")
     p.add_argument("-o", "--out", type=Path, default=Path("mask"),
@@ -175,6 +194,14 @@ def build_parser(options: FamilyOptions = ()) -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("doctor", help="what a TensorRT version can parse of a bundle, and what "
+                                      "this machine can run (no TensorRT needed)")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--target", default=None, metavar="tensorrt-X.Y",
+                   help="check the graphs against this TensorRT version's ONNX parser (default: "
+                        "the installed TensorRT, if any)")
+    p.set_defaults(func=cmd_doctor)
 
     _add_quantization_commands(sub, options)
     return parser

@@ -19,9 +19,9 @@ from samedge.data.slices import Slice
 from samedge.export.bundle import BundleWriter, write_json_atomic
 from samedge.pipeline.timing import interleaved
 from samedge.progress import Steps
-from samedge.quantize.build import MANIFEST_KEEP, BuildResult, build_variants
+from samedge.quantize.build import build_variants
 from samedge.quantize.calibset import CalibrationSet
-from samedge.quantize.candidates import SearchOptions
+from samedge.quantize.candidates import MANIFEST_KEEP, BuildResult, SearchOptions
 from samedge.runtime.bundle import MANIFEST_NAME, Bundle
 from samedge.runtime.cpu import int8_instructions
 from samedge.runtime.predictor import Predictor

@@ -9,9 +9,8 @@ leaves the previous bundle untouched.
 from __future__ import annotations
 
 import copy
-import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,6 +23,8 @@ from samedge.progress import Steps
 from samedge.quantize.builders import fp16_variant, openvino_int8, qdq_int8
 from samedge.quantize.calibset import CalibrationSet
 from samedge.quantize.candidates import (
+    MANIFEST_KEEP,
+    BuildResult,
     Candidate,
     CandidateProbe,
     SearchOptions,
@@ -51,39 +52,10 @@ PRECISIONS = ("int8", "fp16")
 TARGETS = {
     "openvino": {p: NATIVE_FORMAT["openvino"] for p in PRECISIONS},
     "onnxruntime": {p: NATIVE_FORMAT["onnxruntime"] for p in PRECISIONS},
-    # TensorRT builds its engines from these ONNX graphs on the target; here they are validated
-    # on ONNX Runtime (no TensorRT builder can be installed on this machine).
-    "tensorrt": {p: NATIVE_FORMAT["onnxruntime"] for p in PRECISIONS},
 }
-
-
-MANIFEST_KEEP = ("model", "preprocessing", "graphs", "validation_inputs", "calibration",
-                 "default_variant")
-
-
-@dataclass
-class BuildResult:
-    bundle: Path
-    manifest: dict
-    added: list[Candidate]
-    rejected: list[Candidate]
-    combined: dict = field(default_factory=dict)
-    seconds: dict = field(default_factory=dict)
-    report: Path | None = None
-
-    @property
-    def passed(self) -> bool:
-        return not self.rejected
-
-    def lines(self) -> list[str]:
-        out = []
-        for c in self.added:
-            s = c.drift.summary() if c.drift else {}
-            out.append(f"added {c.label()}: mean Dice {s.get('dice_mean', 0):.4f}, worst "
-                       f"{s.get('dice_min', 0):.4f} — {c.gate.describe() if c.gate else ''}")
-        for c in self.rejected:
-            out.append(f"kept out {c.label()}: {c.why_out()}")
-        return out
+# `build --backend tensorrt`: the ONNX graphs above (built first where missing), then engines
+# (samedge.quantize.engines).
+BACKENDS = (*TARGETS, "tensorrt")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -116,6 +88,7 @@ def build_variants(
     steps: Steps | None = None,
     report: bool = True,
     layer_errors: bool = True,
+    engine_options=None,
 ) -> BuildResult:
     """Add ``precision`` variants for ``backend`` to the bundle; only gate-passing ones stay.
 
@@ -127,8 +100,8 @@ def build_variants(
     started = time.perf_counter()
     if precision not in PRECISIONS:
         raise SamedgeError(f"precision {precision!r} is not built here", hint=f"use {PRECISIONS}")
-    if backend not in TARGETS:
-        raise SamedgeError(f"unknown backend {backend!r}", hint=f"use one of {sorted(TARGETS)}")
+    if backend not in BACKENDS:
+        raise SamedgeError(f"unknown backend {backend!r}", hint=f"use one of {sorted(BACKENDS)}")
     unknown = [g for g in graphs if g not in GRAPHS]
     if unknown or not graphs:
         raise SamedgeError(f"unknown graph(s) {', '.join(unknown) or '(none)'}",
@@ -137,7 +110,9 @@ def build_variants(
         raise SamedgeError("accuracy control 'nncf' (quantize_with_accuracy_control) works on "
                            "OpenVINO models only", hint="use --search search for ONNX graphs")
     if backend == "tensorrt":
-        require_tensorrt(precision)
+        return _build_tensorrt(bundle_path, precision, graphs, calibration, validation, prompts,
+                               gates, search, nncf_config, ort_calibration, card, threads, steps,
+                               report, layer_errors, engine_options)
     bundle_path = Path(bundle_path)
     bundle = Bundle(bundle_path)
     card = reference_card(bundle, card)
@@ -276,8 +251,6 @@ def build_variants(
         })
         manifest = writer.commit(fields)
     result = BuildResult(bundle_path, manifest, added, rejected, combined, timings)
-    if backend == "tensorrt" and added:
-        result.manifest = add_tensorrt_engines(bundle_path, added, precision, steps)
     if report:
         from samedge.validation.report import write_report
 
@@ -313,45 +286,47 @@ def at_least(target: Gate, gate: Gate) -> Gate:
 
 
 def require_tensorrt(precision: str) -> None:
-    """``build --backend tensorrt`` builds engines, which needs TensorRT on this machine."""
+    """``build --backend tensorrt`` builds engines, which needs a supported TensorRT here."""
     from samedge.export.tensorrt import _tensorrt
+    from samedge.runtime.backends.trt_compat import check_supported
 
     try:
-        _tensorrt()
+        check_supported(_tensorrt().__version__)
     except BackendUnavailableError as exc:
         raise BackendUnavailableError(
             f"cannot build TensorRT {precision} engines here: {exc.args[0]}",
-            hint="TensorRT engines are built on the target GPU/Jetson that runs them. On this "
-                 f"machine `samedge build BUNDLE --backend onnxruntime --precision {precision}` "
-                 "builds and validates the graph TensorRT consumes ("
+            hint=(exc.hint + "; " if exc.hint else "") + "TensorRT engines are built on the "
+                 "target GPU/Jetson that runs them. On this machine `samedge build BUNDLE "
+                 f"--backend onnxruntime --precision {precision}` builds and validates the graph "
+                 "TensorRT consumes ("
                  + ("explicit Q/DQ INT8 ONNX" if precision == "int8" else
                     "mixed FP16 ONNX, LayerNorm/softmax in FP32")
                  + "); run `--backend tensorrt` on the target to turn it into an engine",
         ) from exc
 
 
-def add_tensorrt_engines(bundle_path: Path, candidates: Sequence[Candidate], precision: str,
-                         steps: Steps) -> dict:
-    """Build one engine per gate-passing ONNX graph on this GPU and add it to the bundle next to
-    the graph it was built from. Its drift is that graph's (measured on ONNX Runtime); written to
-    TensorRT's documented API and not run in this repository (no TensorRT here)."""
-    from samedge.export.tensorrt import build_engine
+def _build_tensorrt(bundle_path, precision, graphs, calibration, validation, prompts, gates,
+                    search, nncf_config, ort_calibration, card, threads, steps, report,
+                    layer_errors, engine_options) -> BuildResult:
+    """``build --backend tensorrt``: the ONNX graphs of ``precision`` the bundle lacks (built and
+    gated on ONNX Runtime, as ``--backend onnxruntime`` does), then engines from them."""
+    from samedge.export.tensorrt import EngineOptions
+    from samedge.quantize.engines import build_engines
 
+    require_tensorrt(precision)
     bundle = Bundle(bundle_path)
-    with BundleWriter(bundle_path) as writer:
-        writer.adopt(bundle_path, bundle.artifacts)
-        (writer.staging / "tensorrt").mkdir(exist_ok=True)
-        for candidate in candidates:
-            source = bundle.find(candidate.graph, "onnxruntime", precision)
-            inputs = {i["name"]: tuple(i["shape"])
-                      for i in bundle.manifest["graphs"][candidate.graph]["inputs"]}
-            engine = writer.staging / "tensorrt" / f"{candidate.graph}_{precision}.engine"
-            with steps.step(f"TensorRT {precision} engine for the {candidate.graph}"):
-                files = build_engine(bundle.entry_path(source), engine, inputs, precision)
-            writer.add_artifact(candidate.graph, "tensorrt_engine", precision, files,
-                                built_from=source["entry"],
-                                engine=json.loads(Path(files[1]).read_text()),
-                                validation=source.get("validation", {}))
-        fields = {k: copy.deepcopy(bundle.manifest[k]) for k in (*MANIFEST_KEEP, "builds")
-                  if k in bundle.manifest}
-        return writer.commit(fields)
+    have = {(a["graph"], a["format"], a["precision"]) for a in bundle.artifacts}
+    missing = [g for g in graphs if (g, "onnx", precision) not in have]
+    onnx_step = None
+    if missing:
+        onnx_step = build_variants(bundle_path, precision, "onnxruntime", missing, calibration,
+                                   validation, prompts, gates, search, nncf_config,
+                                   ort_calibration, card, threads, steps, report=False,
+                                   layer_errors=layer_errors)
+        bundle = Bundle(bundle_path)
+    policy = prompts or PromptPolicy(clicks=bundle.model.get("prompt") == "points")
+    items = list(validation) if validation is not None else \
+        read_items(None, int(bundle.model.get("depth", 1)))
+    return build_engines(bundle_path, precision, graphs, items, policy, gates or GateSet(),
+                         engine_options or EngineOptions(), card, threads,
+                         steps or Steps(quiet=True), report, onnx_step)

@@ -345,3 +345,32 @@ def candidate_layer_errors(bundle: Bundle, candidate: Candidate, backend: str,
     else:
         rows = onnx_layer_errors(fp32, candidate.files[0], feeds)
     return [asdict(r) for r in rows]
+
+
+MANIFEST_KEEP = ("model", "preprocessing", "graphs", "validation_inputs", "calibration",
+                 "default_variant")
+
+
+@dataclass
+class BuildResult:
+    bundle: Path
+    manifest: dict
+    added: list[Candidate]
+    rejected: list[Candidate]
+    combined: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    report: Path | None = None
+
+    @property
+    def passed(self) -> bool:
+        return not self.rejected
+
+    def lines(self) -> list[str]:
+        out = []
+        for c in self.added:
+            s = c.drift.summary() if c.drift else {}
+            out.append(f"added {c.label()}: mean Dice {s.get('dice_mean', 0):.4f}, worst "
+                       f"{s.get('dice_min', 0):.4f} — {c.gate.describe() if c.gate else ''}")
+        for c in self.rejected:
+            out.append(f"kept out {c.label()}: {c.why_out()}")
+        return out

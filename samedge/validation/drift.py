@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -22,11 +22,14 @@ from samedge.data.bundled import bundled_stacks
 from samedge.data.items import Item
 from samedge.data.prompts import PromptSet
 from samedge.data.slices import Slice
-from samedge.models.card import ModelCard
-from samedge.models.reference import TorchReference
 from samedge.progress import Steps
 from samedge.runtime.bundle import Bundle
 from samedge.runtime.predictor import Predictor
+
+if TYPE_CHECKING:  # torch only where a PyTorch reference is computed: engines are measured on
+    # devices without torch against the FP32 ONNX (samedge.validation.engines)
+    from samedge.models.card import ModelCard
+    from samedge.models.reference import TorchReference
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -115,6 +118,8 @@ def encode(target: Predictor | TorchReference, item: Item) -> Slice:
 def reference_outputs(card: ModelCard, slices: Sequence[Item],
                       prompts: Callable[[np.ndarray], PromptSet], steps: Steps
                       ) -> list[tuple[ReferenceOutputs, PromptSet]]:
+    from samedge.models.reference import TorchReference
+
     reference = TorchReference(card)
     results = []
     for entry in steps.track(slices, "FP32 PyTorch reference", total=len(slices)):
@@ -276,6 +281,8 @@ def _names(item: Item) -> list[str]:
 
 def semantic_references(card: ModelCard, items: Sequence[Item], steps: Steps
                         ) -> list[SemanticReference]:
+    from samedge.models.reference import TorchReference
+
     reference = TorchReference(card)
     results = []
     for item in steps.track(items, "FP32 PyTorch reference", total=len(items)):

@@ -19,18 +19,29 @@ import numpy as np
 from samedge.data.items import Item, centre, encoder_tensor
 from samedge.data.prompts import PromptPolicy, PromptSet
 from samedge.data.slices import Slice
+from samedge.errors import SamedgeError
 from samedge.progress import Steps
 from samedge.runtime.bundle import Bundle
 from samedge.runtime.predictor import Predictor
 from samedge.runtime.transforms import Preprocessing
 from samedge.validation.drift import (
+    ReferenceOutputs,
     SemanticDrift,
+    SemanticReference,
     VariantDrift,
+    encode,
     measure_semantic_variant,
     measure_variant,
     reference_outputs,
     semantic_references,
 )
+from samedge.validation.rebuild import reference_card
+
+PYTORCH_REFERENCE = "FP32 PyTorch, same preprocessing"
+RUNTIME_REFERENCE = ("FP32 ONNX on ONNX Runtime CPU, same preprocessing (FP32 PyTorch not "
+                     "available here: {why}; the FP32 ONNX matched it within the export "
+                     "tolerance)")
+
 
 
 def item_name(item: Item) -> str:
@@ -99,3 +110,45 @@ def references_for(card, items: Sequence[Item], policy: PromptPolicy, steps: Ste
     references = reference_outputs(card, items, lambda image: policy.prompt_set(lookup[id(image)]),
                                    steps)
     return Measured(items, references, depth)
+
+
+def runtime_references(bundle: Bundle, items: Sequence, policy: PromptPolicy,
+                       steps: Steps) -> Measured:
+    """FP32 references from the bundle's FP32 ONNX graphs on ONNX Runtime CPU: the same outputs
+    :func:`references_for` takes from PyTorch, computed through the runtime ``Predictor``."""
+    predictor = Predictor(bundle, backend="onnxruntime", precision="fp32")
+    items = list(items)
+    references: list = []
+    for item in steps.track(items, "FP32 ONNX Runtime reference", total=len(items)):
+        piece = encode(predictor, item)
+        if predictor.semantic:
+            out = predictor.segment()
+            references.append(SemanticReference(item_name(item), predictor.embeddings.copy(),
+                                                out.low_res_logits, out.labels))
+            continue
+        prompt = policy.prompt_set(piece)
+        boxes = predictor.predict(boxes=prompt.boxes, multimask_output=False, return_logits=True)
+        clicks = None
+        if prompt.clicks is not None:
+            clicks = predictor.predict(point_coords=prompt.model_clicks(predictor.pre),
+                                       point_labels=np.ones(prompt.clicks.shape[:2]),
+                                       multimask_output=False, return_logits=True).masks
+        references.append((ReferenceOutputs(piece.name, predictor.image_embedding.copy(),
+                                            boxes.masks, boxes.low_res_logits, boxes.scores,
+                                            clicks), prompt))
+    return Measured(items, references, int(bundle.model.get("depth", 1)), predictor.semantic)
+
+
+def engine_references(bundle: Bundle, items: Sequence, policy: PromptPolicy, card,
+                      steps: Steps) -> tuple[Measured, str]:
+    """(references, what they are): FP32 PyTorch when the model can be rebuilt here, else the
+    bundle's FP32 ONNX on ONNX Runtime CPU."""
+    try:
+        card = reference_card(bundle, card)
+    except (ImportError, SamedgeError) as exc:
+        why = str(exc).splitlines()[0]
+        with steps.step(f"FP32 ONNX Runtime reference on {len(items)} items ({why})"):
+            return (runtime_references(bundle, items, policy, Steps(quiet=True)),
+                    RUNTIME_REFERENCE.format(why=why))
+    with steps.step(f"FP32 PyTorch reference on {len(items)} items"):
+        return references_for(card, items, policy, Steps(quiet=True)), PYTORCH_REFERENCE

@@ -1,10 +1,14 @@
 """TensorRT backend: a serialized engine run through Polygraphy's runner (name-based I/O).
 
-Polygraphy's ``TrtRunner`` uses TensorRT's name-based tensor API (``set_input_shape``,
-``set_tensor_address``, ``execute_async_v3``), present from TensorRT 8.5 (JetPack 5) through
-10.x (JetPack 6/7) and 11, and manages device buffers without torch. The engine's sidecar JSON
-(hashed with it in the bundle) records the TensorRT version and GPU it was built for; a mismatch
-is refused before deserializing. Not verified on a GPU in this repository: see README.
+Before deserializing, the engine's JSON sidecar (hashed with it in the bundle) is checked against
+this device: supported TensorRT (``trt_compat.SUPPORTED``), the version and GPU compute capability
+that built it (the CUDA driver's device query, so Jetson, which has no nvidia-smi, is checked
+too). A version-compatible engine embeds its lean runtime, which TensorRT runs only when told to
+trust the plan (``IRuntime.engine_host_code_allowed``); samedge allows it for those engines only,
+after the bundle verified the file's sha256. Polygraphy's ``TrtRunner`` drives TensorRT's
+name-based tensor API (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``) and
+manages device buffers through its own ctypes CUDA wrapper: no torch, no pycuda. Feeds larger than
+the engine's optimisation profile along its dynamic batch axis are run in slices of its maximum.
 """
 
 from __future__ import annotations
@@ -14,34 +18,57 @@ from pathlib import Path
 
 import numpy as np
 import tensorrt as trt
-from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+from polygraphy.backend.trt import TrtRunner
 
+from samedge.errors import EngineCompatibilityError
 from samedge.runtime.backends.trt_compat import (
     check_engine_compatibility,
+    check_supported,
     gpu_compute_capability,
+    run_in_batches,
 )
+
+
+def engine_record(path: Path) -> dict | None:
+    """The JSON sidecar written beside an engine when it was built (None when absent)."""
+    sidecar = Path(path).with_suffix(".json")
+    return json.loads(sidecar.read_text()) if sidecar.is_file() else None
 
 
 class TensorRtBackend:
     name = "tensorrt"
 
     def __init__(self, path: Path, threads: int | None = None):
-        meta_path = Path(path).with_suffix(".json")
-        if meta_path.is_file():
-            check_engine_compatibility(json.loads(meta_path.read_text()), trt.__version__,
-                                       gpu_compute_capability())
-        self._runner = TrtRunner(EngineFromBytes(Path(path).read_bytes()))
+        check_supported(trt.__version__)
+        record = engine_record(path)
+        check_engine_compatibility(record, trt.__version__, gpu_compute_capability())
+        if "profile" not in record:
+            raise EngineCompatibilityError(
+                f"{Path(path).name}'s record has no optimisation profile (an older samedge built "
+                "it)", hint="rebuild it on this device: samedge build BUNDLE --backend tensorrt")
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        runtime.engine_host_code_allowed = bool(record.get("version_compatible"))
+        engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        if engine is None:
+            raise EngineCompatibilityError(
+                f"TensorRT {trt.__version__} could not deserialize {Path(path).name} (see "
+                "TensorRT's log above)", hint="rebuild it on this device: samedge build BUNDLE "
+                                               "--backend tensorrt")
+        self._profile = record["profile"]
+        self._runner = TrtRunner(engine)
         self._runner.activate()
-        engine = self._runner.engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         modes = [engine.get_tensor_mode(n) for n in names]
         self.input_names = tuple(n for n, m in zip(names, modes) if m == trt.TensorIOMode.INPUT)
         self.output_names = tuple(n for n, m in zip(names, modes) if m == trt.TensorIOMode.OUTPUT)
 
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self._runner.infer({n: np.ascontiguousarray(v) for n, v in feed.items()})
+        return {name: np.array(outputs[name], copy=True) for name in self.output_names}
+
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self._runner.infer({n: np.ascontiguousarray(inputs[n])
-                                      for n in self.input_names})
-        return {name: np.asarray(outputs[name]) for name in self.output_names}
+        return run_in_batches(self._infer, {n: inputs[n] for n in self.input_names},
+                              self._profile)
 
     def __del__(self):
         runner = getattr(self, "_runner", None)
