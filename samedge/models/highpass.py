@@ -50,6 +50,12 @@ def _factors(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return u[:, :rank] * s[:rank], vt[:rank]
 
 
+def _axis(n: int, line: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A = Re L and the factors U, Vᵀ of B = Im L along one axis."""
+    low = lowpass_operator(n, line)
+    return (low.real, *_factors(low.imag))
+
+
 def upstream_highpass(x: torch.Tensor, rate: float) -> torch.Tensor:
     """``PromptGenerator.fft(x, rate)`` line for line (the reference's path; not exportable)."""
     mask = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
@@ -74,13 +80,11 @@ class HighPass(nn.Module):
         super().__init__()
         self.height, self.width, self.rate = height, width, rate
         self.line = cutoff(height, width, rate)
-        low_h = lowpass_operator(height, self.line)
-        low_w = lowpass_operator(width, self.line)
-        u_h, vt_h = _factors(low_h.imag)
-        u_w, vt_w = _factors(low_w.imag)
+        axes = {n: _axis(n, self.line) for n in {height, width}}  # square: built once
+        (a_h, u_h, vt_h), (a_w, u_w, vt_w) = axes[height], axes[width]
         self.ranks = (u_h.shape[1], u_w.shape[1]) if u_h.size and u_w.size else (0, 0)
-        tensors = {"a_h": low_h.real, "a_w_t": low_w.real.T, "u_h": u_h, "vt_h": vt_h,
-                   "v_w": vt_w.T, "ut_w": u_w.T}
+        tensors = {"a_h": a_h, "a_w_t": a_w.T, "u_h": u_h, "vt_h": vt_h, "v_w": vt_w.T,
+                   "ut_w": u_w.T}
         for name, value in tensors.items():
             self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(value)).to(dtype))
 

@@ -22,6 +22,7 @@ adds ``shared_mlp(lightweight_mlp_i(handcrafted + embedding))`` to its input. De
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -155,8 +156,6 @@ class SamAdapter(nn.Module):
 
 def sam_adapter_reference(config: SamConfig, shape: DecoderShape, hidden: int) -> SamAdapter:
     """Upstream's model for these sizes (``models/sam.py`` ``SAM.__init__``), random weights."""
-    from functools import partial
-
     from segment_anything.modeling import ImageEncoderViT
 
     vit = ImageEncoderViT(
