@@ -78,13 +78,17 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
         "samed_s": ul.samed_file(decoder_lora=True),
         "masam": ul.masam_file(),
         "medsa": ul.medsa_checkpoint(ul.medsa_state()),
+        "sam_adapter": ul.sam_adapter_state(),
     }, folder), "dir": folder}
 
 
 @pytest.fixture(scope="session")
 def small_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """The 3-block SMALL ViT files with audible decoders (export, runtime and CLI tests):
-    Med-SA 2D in the zero ``rel_h`` era with legacy clicks, 3D in the ``rel_pos`` era."""
+    Med-SA 2D in the zero ``rel_h`` era with legacy clicks, 3D in the ``rel_pos`` era;
+    SAM-Adapter saved whole at its training size, 128."""
+    from dataclasses import replace
+
     import upstream_layouts as ul
 
     return _write({
@@ -94,4 +98,5 @@ def small_checkpoints(tmp_path_factory) -> dict[str, Path]:
         "medsa": ul.medsa_checkpoint(ul.audible(ul.medsa_state(ul.SMALL))),
         "medsa3d": ul.medsa_checkpoint(ul.audible(ul.medsa_state(ul.SMALL, rel="rel_pos",
                                                                  rel_values="random"))),
+        "sam_adapter": ul.audible(ul.sam_adapter_state(replace(ul.SMALL, image_size=128))),
     }, tmp_path_factory.mktemp("small_ckpt"))

@@ -229,3 +229,29 @@ def audible(state: dict, gain: float = 50.0) -> dict:
     hypernetwork heads so the 1e-4 logit bound and the label agreement say something."""
     head = re.compile(r"mask_decoder\.output_hypernetworks_mlps\.\d+\.layers\.2\.")
     return {k: v * gain if head.match(k) else v for k, v in state.items()}
+
+
+def sam_adapter_state(config: SamConfig = TINY, seed: int = 4, scale_factor: int = 32,
+                      **decoder) -> dict[str, torch.Tensor]:
+    """SAM-Adapter's ``train.py`` save: ``model.state_dict()`` of its ``SAM`` (``models/sam.py``)
+    at ``config.image_size`` — SAM's ViT plus ``image_encoder.prompt_generator.*`` (hidden width
+    C / scale_factor), SAM's 4-token decoder, ``pe_layer`` and ``no_mask_embed``; no prompt encoder."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    c, p, d = config.embed_dim, config.patch_size, config.prompt_dim
+    hidden = c // scale_factor
+    parts = sam_modules(config, **{**DECODER, **decoder})
+    out = _state({"image_encoder": parts["image_encoder"], "mask_decoder": parts["mask_decoder"]},
+                 seed)
+    g = "image_encoder.prompt_generator."
+    out[g + "shared_mlp.weight"] = _rand(gen, c, hidden, scale=0.3)
+    out[g + "shared_mlp.bias"] = _rand(gen, c, scale=0.1)
+    out[g + "embedding_generator.weight"] = _rand(gen, hidden, c, scale=0.3)
+    out[g + "embedding_generator.bias"] = _rand(gen, hidden, scale=0.1)
+    for i in range(config.depth):
+        out[f"{g}lightweight_mlp_{i}.0.weight"] = _rand(gen, hidden, hidden, scale=0.5)
+        out[f"{g}lightweight_mlp_{i}.0.bias"] = _rand(gen, hidden, scale=0.1)
+    out[g + "prompt_generator.proj.weight"] = _rand(gen, hidden, 3, p, p, scale=0.1)
+    out[g + "prompt_generator.proj.bias"] = _rand(gen, hidden, scale=0.1)
+    out["pe_layer.positional_encoding_gaussian_matrix"] = _rand(gen, 2, d // 2)
+    out["no_mask_embed.weight"] = _rand(gen, 1, d, scale=0.1)
+    return out

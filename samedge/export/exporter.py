@@ -4,8 +4,8 @@ convert them for each backend, and commit everything atomically.
 Adaptation families (those with ``card.reference``) are validated against their unmerged,
 upstream-faithful model: the merged ONNX must equal what the authors' code computes. Depth models
 are validated on stacks of D adjacent real slices; semantic families get the prompt-free
-class-logit decoder (``export/semantic.py``), Med-SA its own token output
-(``export/medsa_decoder.py``).
+class-logit decoder (``export/semantic.py``), SAM-Adapter its binary one (``export/binary.py``),
+Med-SA its own token output (``export/medsa_decoder.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from samedge.data.bundled import bundled_stacks
 from samedge.data.slices import Slice
 from samedge.export import medsa_decoder
+from samedge.export.binary import export_binary_decoder
 from samedge.export.bundle import BundleWriter
 from samedge.export.decoders import export_prompt_decoder, sam_interface_cases
 from samedge.export.graphs import (
@@ -39,7 +40,7 @@ from samedge.runtime.transforms import preprocess, preprocess_stack
 OPENVINO_PRECISIONS = ("fp32", "fp16")
 # Family.decoder_graph → the function that exports and validates that kind of decoder.
 DECODER_EXPORTS = {"prompt": export_prompt_decoder, "semantic": export_semantic_decoder,
-                   "medsa": medsa_decoder.export_medsa_decoder}
+                   "medsa": medsa_decoder.export_medsa_decoder, "binary": export_binary_decoder}
 UPSTREAM_EMBEDDING_TOLERANCE = Tolerance(atol=5e-4)  # merged ONNX vs unmerged upstream encoder
 
 

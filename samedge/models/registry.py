@@ -21,6 +21,7 @@ FAMILY_SPECS = {
     "samed": "samedge.models.samed:FAMILY",
     "medsa": "samedge.models.medsa:FAMILY",
     "masam": "samedge.models.masam:FAMILY",
+    "sam_adapter": "samedge.models.sam_adapter:FAMILY",
 }
 FAMILY_NAMES = tuple(FAMILY_SPECS)
 

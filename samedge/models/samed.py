@@ -371,8 +371,11 @@ def semantic_decode(model: nn.Module, embeddings: torch.Tensor) -> tuple[torch.T
 
     Prompt encoder with points=boxes=masks=None gives a (1, 0, C) sparse prompt and the
     no-mask dense embedding; the single token batch broadcasts against the B images inside the
-    decoder; every mask token is returned (the upstream slicing is commented out).
+    decoder; every mask token is returned (the upstream slicing is commented out). A model with
+    its own prompt-free head (SAM-Adapter: mask token 0 as a binary map) decodes itself.
     """
+    if hasattr(model, "prompt_free_decode"):
+        return model.prompt_free_decode(embeddings)
     sparse, dense = model.prompt_encoder(points=None, boxes=None, masks=None)
     return model.mask_decoder.predict_masks(
         image_embeddings=embeddings, image_pe=model.prompt_encoder.get_dense_pe(),
