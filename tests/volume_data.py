@@ -35,7 +35,7 @@ def affine(kind: str, spacing=SPACING) -> np.ndarray:
     return out
 
 
-def ellipsoid(shape=(72, 64, 15), centre=(40.0, 30.0, 8.0), radii=(17.0, 13.0, 5.6),
+def ellipsoid(shape=(72, 64, 9), centre=(40.0, 30.0, 4.6), radii=(17.0, 13.0, 3.3),
               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(int16 HU-like data, bool ground truth), both (I, J, K): a bright ellipsoid (200) in
     Gaussian noise around 40; off-centre so a mirrored or shifted mask misses it."""

@@ -193,8 +193,8 @@ class VolumePredictor:
             entry = pending.result() if pending is not None else self._encode(key)
         return entry
 
-    def _prefetch(self, pool: ThreadPoolExecutor | None, n: int) -> None:
-        if pool is None or not 0 <= n < len(self.slices):
+    def _prefetch(self, pool: ThreadPoolExecutor | None, n: int | None) -> None:
+        if pool is None or n is None or not 0 <= n < len(self.slices):
             return
         key = self._key(n)
         if key not in self._pending and key not in self.cache:
@@ -276,28 +276,30 @@ class VolumePredictor:
                    **prompt) -> VolumeMask:
         count, (height, width) = len(self.slices), self._hw(start)
         result = VolumeMask(np.zeros((count, height, width), bool), np.full(count, np.nan), start)
+        below = start - 1 if start > ends[0] else None  # where the downward pass begins
         with self._workers() as pool:
-            self._prefetch(pool, start + 1 if start < ends[1] else start - 1)
+            self._prefetch(pool, start + 1 if start < ends[1] else below)
             mask, score, low = self._decode(start, **prompt)
             result.mask[start], result.scores[start] = mask, score
             if progress:
                 progress()
-            for stop, step in ((ends[1], 1), (ends[0], -1)):
-                self._follow(result, pool, stop, step, bounds, low, progress)
+            self._follow(result, pool, ends[1], 1, bounds, low, progress, then=below)
+            self._follow(result, pool, ends[0], -1, bounds, low, progress, then=None)
         if not result.mask.any():
             warnings.warn("the prompt segmented nothing: the mask is empty on every slice",
                           stacklevel=3)
         return result
 
     def _follow(self, result: VolumeMask, pool, stop: int, step: int, bounds, low: np.ndarray,
-                progress: Progress) -> None:
+                progress: Progress, then: int | None) -> None:
+        """Decode outward from the start to ``stop``; the slice after this one is encoded
+        meanwhile (``then`` after the last one: the other pass's first slice)."""
         previous = result.mask[result.start]
         for n in range(result.start + step, stop + step, step):
             box = self._box_around(previous, bounds)
             if box is None:
                 return
-            if n != stop:
-                self._prefetch(pool, n + step)
+            self._prefetch(pool, n + step if n != stop else then)
             mask_input = low if self.refine else None
             previous, score, low = self._decode(n, boxes=box, mask_input=mask_input)
             result.mask[n], result.scores[n] = previous, score
