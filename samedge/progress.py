@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -16,6 +16,8 @@ from rich.progress import (
 )
 
 T = TypeVar("T")
+COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+           TimeElapsedColumn())
 
 
 class Steps:
@@ -43,10 +45,18 @@ class Steps:
         if self.quiet:
             yield from items
             return
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn())
-        with Progress(*columns, console=self.console, transient=True) as progress:
+        with Progress(*COLUMNS, console=self.console, transient=True) as progress:
             yield from progress.track(items, total=total, description=description)
+
+    @contextlib.contextmanager
+    def counter(self, description: str, total: int) -> Iterator[Callable[[], None]]:
+        """A progress bar for work that reports itself: call the yielded function per item."""
+        if self.quiet:
+            yield lambda: None
+            return
+        with Progress(*COLUMNS, console=self.console, transient=True) as progress:
+            task = progress.add_task(description, total=total)
+            yield lambda: progress.advance(task)
 
     def info(self, message: str) -> None:
         if not self.quiet:

@@ -1,4 +1,4 @@
-"""``samedge pipeline | export | calibrate | build | validate | predict | info``.
+"""``samedge pipeline | export | calibrate | build | validate | predict | segment | info``.
 
 Errors from samedge's hierarchy are printed with their hint and exit non-zero without a traceback.
 """

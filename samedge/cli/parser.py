@@ -18,6 +18,7 @@ from samedge.cli.commands import (
     cmd_predict,
     cmd_validate,
 )
+from samedge.cli.segment import FORMATS, cmd_segment
 from samedge.models.family import Option
 from samedge.models.registry import FAMILY_NAMES
 
@@ -136,6 +137,36 @@ def _add_quantization_commands(sub, options: FamilyOptions) -> None:
     p.set_defaults(func=cmd_validate, strict_exit=True)
 
 
+def _add_segment_command(sub) -> None:
+    p = sub.add_parser("segment", help="segment a volume; the output has the input's exact "
+                                       "grid (NIfTI) or references its series (DICOM-SEG)")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("volume", type=Path, help="DICOM series folder or NIfTI file")
+    p.add_argument("--box3d", default=None, metavar="x0,y0,z0,x1,y1,z1",
+                   help="voxel indices, inclusive (NIfTI: i, j, k in stored order; DICOM: "
+                        "column, row, slice sorted along the normal); propagated from the "
+                        "middle slice outward")
+    p.add_argument("--point", action="append", default=[], metavar="x,y,z[,label]",
+                   help="voxel indices on one slice (repeatable); propagated outward")
+    p.add_argument("-o", "--out", type=Path, required=True,
+                   help="output: .nii/.nii.gz, or .dcm for a DICOM-SEG")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="nifti or dicom-seg (default: from the output's suffix)")
+    p.add_argument("--window", default=None,
+                   help="CT window: abdomen, lung, bone, brain or L,W (default: the model's own "
+                        "CT window where its bundle records one, else abdomen)")
+    p.add_argument("--modality", default=None, help="modality of NIfTI files (default MR; CT "
+                                                    "windows it in HU)")
+    p.add_argument("--backend", default=None, help="onnxruntime or openvino (default: the "
+                                                   "bundle's default variant)")
+    p.add_argument("--precision", default=None, help="fp32, fp16 or int8")
+    p.add_argument("--refine", action="store_true",
+                   help="feed each slice the previous slice's low-res logits as mask_input")
+    p.add_argument("--cache-mb", type=int, default=1024,
+                   help="embedding cache budget (default 1024 MiB); least recently used first")
+    p.set_defaults(func=cmd_segment)
+
+
 def build_parser(options: FamilyOptions = ()) -> argparse.ArgumentParser:
     """The whole grammar; ``options`` are the families' (see :func:`family_options_for`)."""
     parser = argparse.ArgumentParser(prog="samedge", description="Medical SAM adaptations from training checkpoint to validated engines")
@@ -189,6 +220,8 @@ def build_parser(options: FamilyOptions = ()) -> argparse.ArgumentParser:
                    help="output prefix: writes PREFIX.png (mask, or the class index per "
                         "pixel for semantic models) and PREFIX_overlay.png")
     p.set_defaults(func=cmd_predict)
+
+    _add_segment_command(sub)
 
     p = sub.add_parser("info", help="describe a bundle and verify its files")
     p.add_argument("bundle", type=Path)

@@ -21,6 +21,7 @@ from samedge.data.formats import (
     require_module,
     visible_files,
 )
+from samedge.data.geometry import dicom_geometry
 from samedge.data.slices import Slice, Volume
 from samedge.data.windows import Window, to_uint8
 from samedge.errors import DataSourceError, ImageError
@@ -216,5 +217,7 @@ def series_volume(folder: Path, items: list[tuple[Path, Any]], window: Window | 
     if positions is not None:
         _check_spacing(files, positions[order], f"DICOM series in {folder}")
     modality = str(items[0][1].get("Modality") or "OT")
-    return Volume(folder.name, modality, len(files), lambda i: read_dicom(files[i], window), folder)
+    headers = [items[i][1] for i in order]
+    return Volume(folder.name, modality, len(files), lambda i: read_dicom(files[i], window), folder,
+                  geometry=lambda: dicom_geometry(headers, files))
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from samedge.data.formats import FORMATS_HINT, require_module
+from samedge.data.geometry import nifti_geometry, nifti_reverses_k
 from samedge.data.slices import Slice, Volume
 from samedge.data.windows import Window, to_uint8
 from samedge.errors import DataSourceError, ImageError
@@ -30,7 +31,7 @@ def read_nifti(
     frames = shape[3] if len(shape) == 4 else 1
     if not 0 <= frame < frames:
         raise DataSourceError(f"{path.name}: frame={frame} out of range", f"use 0..{frames - 1}")
-    reverse = nib.io_orientation(img.affine)[2, 1] < 0
+    reverse = nifti_reverses_k(img.affine)
     depth, proxy, time = shape[2], img.dataobj, (frame,) if len(shape) == 4 else ()
 
     def read(i: int) -> Slice:
@@ -38,5 +39,5 @@ def read_nifti(
         data = np.asarray(proxy[(slice(None), slice(None), z, *time)]).T
         return Slice(to_uint8(data, modality, window), f"{path.name}[z={z}]", modality, source=path)
 
-    return Volume(path.name, modality, depth, read, path)
+    return Volume(path.name, modality, depth, read, path, geometry=lambda: nifti_geometry(img))
 

@@ -7,13 +7,17 @@ calibration slices never sit in memory at once.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from samedge.errors import ImageError
+from samedge.errors import DataSourceError, ImageError
+
+if TYPE_CHECKING:
+    from samedge.data.geometry import Geometry
 
 
 @dataclass(frozen=True)
@@ -50,15 +54,33 @@ class Volume:
         length: int,
         read: Callable[[int], Slice],
         source: Path | None = None,
+        geometry: Callable[[], Geometry] | None = None,
     ):
         self.name, self.modality, self.source = name, modality, source
         self._length, self._read = length, read
+        self._geometry_factory, self._geometry = geometry, None
 
     def __len__(self) -> int:
         return self._length
 
     def __getitem__(self, index: int) -> Slice:
         return self._read(self._position(index))
+
+    @property
+    def geometry(self) -> Geometry:
+        """The stored voxel grid (``data.geometry``), worked out on first use: checks that only
+        segmentation needs (regular spacing, one orientation) never stop calibration reads."""
+        if self._geometry is None:
+            if self._geometry_factory is None:
+                raise DataSourceError(
+                    f"{self.name}: this kind of volume records no voxel geometry to place a "
+                    "segmentation in", hint="use a DICOM series folder or a NIfTI file")
+            self._geometry = self._geometry_factory()
+        return self._geometry
+
+    def images(self) -> Sequence[np.ndarray]:
+        """The slices' images as a lazy sequence (each read on access), for the runtime."""
+        return _Images(self)
 
     def stack(self, center: int, depth: int = 5) -> list[Slice]:
         """``depth`` slices around ``center``, edges replicated (MA-SAM's i-2..i+2 input)."""
@@ -79,6 +101,16 @@ class Volume:
     def __repr__(self) -> str:
         return f"Volume({self.name!r}, modality={self.modality!r}, slices={self._length})"
 
+
+class _Images(Sequence):
+    def __init__(self, volume: Volume):
+        self._volume = volume
+
+    def __len__(self) -> int:
+        return len(self._volume)
+
+    def __getitem__(self, index):
+        return self._volume[index].image
 
 
 def evenly_spaced(length: int, count: int, offset: float = 0.5) -> list[int]:

@@ -136,6 +136,11 @@ class Predictor:
         self._embeddings = self.encoder.run({"image": tensor})["image_embeddings"]
         self._frame, self._slice = frame, current
 
+    def set_embedding(self, embeddings: np.ndarray, frame: ImageFrame, current: int = 0) -> None:
+        """Decode later prompts against embeddings encoded earlier (``VolumePredictor`` keeps
+        them in its cache): (N, C, h, w), slice ``current`` of them, for images of ``frame``."""
+        self._embeddings, self._frame, self._slice = embeddings, frame, current
+
     def select_slice(self, index: int) -> None:
         """Decode later prompts against slice ``index`` of the encoded stack (no encoder call)."""
         count = len(self.embeddings)
