@@ -23,12 +23,12 @@ from samedge.calibration.sources import (
     load_image,
     read_stacks,
 )
-from samedge.export.bundle import write_json_atomic
+from samedge.export.bundle import write_manifest
 from samedge.export.exporter import export_bundle
 from samedge.models import build_model
 from samedge.models.card import ModelCard
 from samedge.progress import Steps
-from samedge.runtime.bundle import MANIFEST_NAME, Bundle
+from samedge.runtime.bundle import Bundle
 from samedge.runtime.predictor import Predictor
 
 # Slices whose encoder/decoder outputs validate the ONNX export (one small CT, one 512² CT, one
@@ -174,7 +174,7 @@ def run_pipeline(
                     "reference": "FP32 PyTorch, same preprocessing",
                     **result.summary(),
                 }
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+    write_manifest(out, manifest)
     quantization = None
     if "openvino" in backends:
         # gate FP16, add INT8 only where it passes, record the fastest passing variant

@@ -49,7 +49,7 @@ from samedge.calibration.references import Measured, centre, references_for
 from samedge.calibration.sources import Slice, bundled_slices, bundled_stacks, read_stacks
 from samedge.calibration.windows import Window, parse_window
 from samedge.errors import BackendUnavailableError, DataSourceError, SamedgeError
-from samedge.export.bundle import BundleWriter, write_json_atomic
+from samedge.export.bundle import BundleWriter, write_manifest
 from samedge.export.openvino import opt_out_of_telemetry
 from samedge.progress import Steps
 from samedge.runtime.backends import open_backend
@@ -665,7 +665,7 @@ def build_variants(
                 writer.add_artifact(graph, fmt, precision, candidate.files, **candidate.meta)
 
         # Measure every candidate in the staged bundle through the real Predictor.
-        write_json_atomic(stage / MANIFEST_NAME, _provisional(bundle.manifest, writer.artifacts))
+        write_manifest(stage, _provisional(bundle.manifest, writer.artifacts))
         staged = Bundle(stage)
         gate = gates.for_precision(precision)
         worst_cases: list = []
@@ -922,7 +922,7 @@ def calibrate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None,
     manifest["calibration"] = {**calibration.describe(), "bundled": data is None,
                                "modality": modality, "statistics": stats,
                                "preprocessing": "samedge.runtime.transforms.preprocess"}
-    write_json_atomic(bundle_path / MANIFEST_NAME, manifest)
+    write_manifest(bundle_path, manifest)
     return manifest
 
 
@@ -1303,7 +1303,7 @@ def quantize_for_pipeline(bundle_path: str | Path, card, slices: Sequence[Item],
                   if r.encoder_s is not None},
         "int8_instructions": fast,
     }
-    write_json_atomic(bundle_path / MANIFEST_NAME, manifest)
+    write_manifest(bundle_path, manifest)
     seconds = time.perf_counter() - started
     return PipelineQuantization(result, rows, default, messages, seconds, manifest,
                                 result.report if result else None)

@@ -167,7 +167,11 @@ def _dicom_slice(
 def _decode_error(path: Path, ds: Any, exc: Exception) -> ImageError:
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     encoding = getattr(syntax, "name", "unknown transfer syntax")
-    return ImageError(f"cannot decode pixels of {path.name} ({encoding}): {exc}", DECODER_HINT)
+    # Uncompressed pixels need no decoder: failing to read them means the file is damaged.
+    hint = (DECODER_HINT if getattr(syntax, "is_compressed", True) else
+            "its pixel data is shorter than its header says: the file is truncated or damaged; "
+            "copy it again from the archive")
+    return ImageError(f"cannot decode pixels of {path.name} ({encoding}): {exc}", hint)
 
 
 def read_dicom(path: str | Path, window: Window | None = None) -> Slice:
@@ -337,11 +341,12 @@ def _series_volume(folder: Path, items: list[tuple[Path, Any]], window: Window |
 
 
 def read_nifti(
-    path: str | Path, modality: str = "MR", window: Window | None = None, frame: int = 0
+    path: str | Path, modality: str = "MR", window: Window | None = None, frame: int | None = 0
 ) -> Volume:
     """Slices along the last spatial axis through nibabel's lazy proxy (which applies scl_slope
     and scl_inter), from low to high world coordinate, each laid out rows = second voxel axis as
-    in SimpleITK's arrays, which MedSAM's preprocessing used. 4-D files give volume ``frame``."""
+    in SimpleITK's arrays, which MedSAM's preprocessing used. 4-D files give volume ``frame``;
+    ``frame=None`` refuses a 4-D file of several volumes instead of picking one silently."""
     nib = _require("nibabel")
     path = Path(path)
     try:
@@ -352,6 +357,10 @@ def read_nifti(
     if len(shape) not in (3, 4):
         raise DataSourceError(f"{path.name} has shape {shape}, not 3-D or 4-D", hint="one volume")
     frames = shape[3] if len(shape) == 4 else 1
+    if frame is None and frames > 1:
+        raise DataSourceError(f"{path.name} is 4-D: it holds {frames} volumes",
+                              hint=f"choose one with --frame 0..{frames - 1}")
+    frame = frame or 0
     if not 0 <= frame < frames:
         raise DataSourceError(f"{path.name}: frame={frame} out of range", f"use 0..{frames - 1}")
     reverse = nib.io_orientation(img.affine)[2, 1] < 0
@@ -440,9 +449,11 @@ def read_npz(
 
 
 def open_source(
-    path: str | Path, window: Window | None = None, modality: str | None = None
+    path: str | Path, window: Window | None = None, modality: str | None = None,
+    frame: int | None = 0,
 ) -> Slice | Volume:
-    """Open any supported file or DICOM folder; volumes come back unread (headers only)."""
+    """Open any supported file or DICOM folder; volumes come back unread (headers only).
+    ``frame``: the volume of a 4-D NIfTI (None: refuse one with several)."""
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path} does not exist", hint="check the path")
@@ -450,7 +461,7 @@ def open_source(
     if kind == "series":
         return read_dicom_series(path, window=window)
     if kind == "nifti":
-        return read_nifti(path, modality or "MR", window)
+        return read_nifti(path, modality or "MR", window, frame)
     if kind == "npz":
         return read_npz(path, modality or "OT", window)
     if kind == "image":
@@ -467,9 +478,10 @@ def load_image(
     slice_index: int | None = None,
     window: Window | None = None,
     modality: str | None = None,
+    frame: int | None = 0,
 ) -> Slice:
     """One slice for ``predict``: the given slice of a volume, its middle slice by default."""
-    source = open_source(path, window, modality)
+    source = open_source(path, window, modality, frame)
     if isinstance(source, Slice):
         if slice_index not in (None, 0):
             raise ImageError(f"{source.name} is a single image, it has no slice {slice_index}",
@@ -686,9 +698,9 @@ STACK_HINT = "pass a volume: a DICOM series folder, a NIfTI file or a multi-fram
 
 
 def open_volume(path: str | Path, window: Window | None = None,
-                modality: str | None = None) -> Volume:
+                modality: str | None = None, frame: int | None = 0) -> Volume:
     """A volume for a depth model; a single 2-D image is a StackDepthError (it makes no stack)."""
-    source = open_source(path, window, modality)
+    source = open_source(path, window, modality, frame)
     if isinstance(source, Slice):
         raise StackDepthError(
             f"{Path(path).name} is a single 2-D image; this model's encoder takes a stack of "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,9 @@ class OnnxRuntimeBackend:
         self._session = ort.InferenceSession(str(path), options, providers=providers)
         self.input_names = tuple(i.name for i in self._session.get_inputs())
         self.output_names = tuple(o.name for o in self._session.get_outputs())
+        self._lock = threading.Lock()
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {name: inputs[name] for name in self.input_names}
-        return dict(zip(self.output_names, self._session.run(None, feed)))
+        with self._lock:  # concurrent runs are legal in ONNX Runtime but each holds its memory
+            return dict(zip(self.output_names, self._session.run(None, feed)))

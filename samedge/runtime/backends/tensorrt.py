@@ -10,6 +10,7 @@ is refused before deserializing. Not verified on a GPU in this repository: see R
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,14 @@ class TensorRtBackend:
         modes = [engine.get_tensor_mode(n) for n in names]
         self.input_names = tuple(n for n, m in zip(names, modes) if m == trt.TensorIOMode.INPUT)
         self.output_names = tuple(n for n, m in zip(names, modes) if m == trt.TensorIOMode.OUTPUT)
+        self._lock = threading.Lock()
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self._runner.infer({n: np.ascontiguousarray(inputs[n])
-                                      for n in self.input_names})
-        return {name: np.asarray(outputs[name]) for name in self.output_names}
+        feed = {n: np.ascontiguousarray(inputs[n]) for n in self.input_names}
+        with self._lock:  # one execution context and its device buffers: one call at a time
+            outputs = self._runner.infer(feed)
+            # copy: the runner reuses its host buffers on the next call
+            return {name: np.array(outputs[name], copy=True) for name in self.output_names}
 
     def __del__(self):
         runner = getattr(self, "_runner", None)
