@@ -908,9 +908,11 @@ def calibrate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None,
                                  modality=modality)
     bundle_path = Path(bundle_path)
     if not (bundle_path / MANIFEST_NAME).is_file():
+        from samedge.export.atomic import check_target
         from samedge.export.exporter import export_bundle
         from samedge.models import build_model
 
+        check_target(bundle_path)  # a foreign folder is refused before the model is built
         with steps.step(f"build {family} model"):
             card = build_model(family, **model_options)
         sample = [s for _, s in zip(range(3), calibration.iter_slices())]

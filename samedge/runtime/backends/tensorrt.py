@@ -36,6 +36,9 @@ class TensorRtBackend:
         self.input_names = tuple(n for n, m in zip(names, modes) if m == trt.TensorIOMode.INPUT)
         self.output_names = tuple(n for n, m in zip(names, modes) if m == trt.TensorIOMode.OUTPUT)
         self._lock = threading.Lock()
+        if "point_coords" in self.input_names:  # a decoder: never send more prompts than the
+            # engine's optimisation profile takes (min, opt, max shapes of profile 0)
+            self.decode_batch = int(engine.get_tensor_profile_shape("point_coords", 0)[2][0])
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {n: np.ascontiguousarray(inputs[n]) for n in self.input_names}
