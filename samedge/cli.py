@@ -68,9 +68,10 @@ def _mib(size: int) -> str:
 
 def cmd_pipeline(args, steps) -> int:
     from samedge.export.atomic import check_target
+
+    check_target(args.out)  # before torch loads and minutes of work, not after
     from samedge.pipeline import run_pipeline
 
-    check_target(args.out)  # before minutes of work, not after
 
     result = run_pipeline(args.family, args.out, args.backends.split(","), threads=args.threads,
                           steps=steps, validation_data=args.validation_data or None,
@@ -167,13 +168,14 @@ def print_bundle(manifest: dict, path: Path) -> None:
 
 
 def cmd_export(args, steps) -> int:
+    from samedge.export.atomic import check_target
+
+    check_target(args.out)  # refuse a foreign folder before torch loads and the model is built
     from samedge.calibration.sources import bundled_slices
     from samedge.export.exporter import export_bundle
     from samedge.models import build_model
-    from samedge.export.atomic import check_target
     from samedge.pipeline import EXPORT_VALIDATION, read_validation_data
 
-    check_target(args.out)  # refuse a foreign folder before building the model
     with steps.step(f"build {args.family} model"):
         card = build_model(args.family, **_model_options(args))
     stacks = None  # depth models: stacks of D adjacent slices (default: the bundled MR volume)
@@ -250,8 +252,12 @@ def cmd_predict(args, steps) -> int:
     prompts against the image, the manifest; each model file is hashed as it is loaded."""
     import numpy as np
 
-    from samedge.overlay import output_paths, refuse_overwriting, save_label_outputs, \
-        save_mask_outputs
+    from samedge.overlay import (
+        output_paths,
+        refuse_overwriting,
+        save_label_outputs,
+        save_mask_outputs,
+    )
     from samedge.runtime import Bundle, Predictor
     from samedge.runtime.predictor import check_prompts
 

@@ -223,8 +223,9 @@ class Predictor:
         (B, N) (1 foreground, 0 background); ``boxes`` (4,) or (B, 4) xyxy; ``mask_input``
         (1, m, m) or (B, 1, m, m) low-res logits from a previous call. B prompts are decoded in
         chunks that fit ``DECODE_MEMORY``, so memory grows only by the result itself (B·K·H·W
-        bools, or float32 logits with ``return_logits``). ``multimask_output`` None follows the family's convention (single mask for
-        LiteMedSAM/MedSAM, three for SAM); Med-SA returns its output tokens 0:n either way.
+        bools, or float32 logits with ``return_logits``). ``multimask_output`` None follows the
+        family's convention (single mask for LiteMedSAM/MedSAM, three for SAM); Med-SA returns
+        its output tokens 0:n either way.
         """
         if self.semantic:
             raise PromptError("this bundle's decoder is semantic and takes no prompts",
