@@ -128,6 +128,7 @@ def test_tampered_manifests_are_refused_by_info_and_predict(bundle_copy, tmp_pat
     (lambda m: m["preprocessing"].update(extra=1), "manifest.preprocessing"),
     (lambda m: m["artifacts"][0].update(graph="nope"), "manifest.artifacts[0].graph"),
     (lambda m: m.update(default_variant={"backend": "foo"}), "manifest.default_variant.backend"),
+    (lambda m: m["graphs"]["encoder"].update(inputs=[]), "manifest.graphs.encoder.inputs"),
 ])
 def test_malformed_manifest_is_a_typed_error_naming_the_field(bundle_copy, change, where):
     manifest = _manifest(bundle_copy)
@@ -136,6 +137,16 @@ def test_malformed_manifest_is_a_typed_error_naming_the_field(bundle_copy, chang
     with pytest.raises(BundleError, match="malformed") as caught:
         Bundle(bundle_copy, verify=False)
     assert where in str(caught.value)
+
+
+def test_sizes_that_disagree_are_refused(bundle_copy):
+    """An image size edited in the preprocessing alone (sealed again) used to reach OpenVINO as a
+    shape error."""
+    manifest = _manifest(bundle_copy)
+    manifest["preprocessing"]["image_size"] = 512
+    write_manifest(bundle_copy, manifest)
+    with pytest.raises(BundleError, match="manifest.model.image_size is 256"):
+        Bundle(bundle_copy, verify=False)
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", '"samedge"', "{}", '{"format": "samedge-bundle"}'])

@@ -111,6 +111,7 @@ class Bundle:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self._root = self.path.resolve()
+        self._check_sizes()
         for artifact in self.artifacts:
             self._check_paths(artifact)
         self._verified: set[str] = set()
@@ -151,6 +152,21 @@ class Bundle:
                 hint="a bundle names only its own files; re-export it",
             )
         return path
+
+    def _check_sizes(self) -> None:
+        """The sizes the preprocessing, the model and the encoder graph state must agree: one
+        edited alone would feed the engine a tensor of another shape."""
+        pre, model = self.manifest["preprocessing"], self.manifest["model"]
+        pairs = [("model.image_size", model["image_size"], pre["image_size"]),
+                 ("model.mask_size", model.get("mask_size", pre["mask_size"]), pre["mask_size"])]
+        shape = self.manifest["graphs"]["encoder"]["inputs"][0]["shape"]
+        if len(shape) == 4 and all(isinstance(d, int) for d in shape[2:]):
+            pairs.append(("graphs.encoder.inputs[0].shape[2:]", shape[2:],
+                          [pre["image_size"]] * 2))
+        for field, value, want in pairs:
+            if value != want:
+                raise BundleError(f"manifest is inconsistent: manifest.{field} is {value}, its "
+                                  f"preprocessing says {want}", hint="re-export the bundle")
 
     def _check_paths(self, artifact: dict) -> None:
         files = artifact["files"]

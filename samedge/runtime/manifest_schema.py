@@ -95,8 +95,8 @@ GRAPH = {
     "type": "object",
     "required": ["inputs", "outputs"],
     "properties": {
-        "inputs": {"type": "array", "items": TENSOR},
-        "outputs": {"type": "array", "items": TENSOR},
+        "inputs": {"type": "array", "items": TENSOR, "minItems": 1},
+        "outputs": {"type": "array", "items": TENSOR, "minItems": 1},
         "token_selection": {"enum": ["graph"]},
         "measured": {"type": "object"},
     },
