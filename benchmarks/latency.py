@@ -141,7 +141,7 @@ class RuntimeVariant:
         size = p.pre.mask_size
         return {
             "image_embeddings": p.image_embedding,
-            "point_coords": np.ascontiguousarray(transform_boxes(boxes, p._frame, p.pre)),
+            "point_coords": np.ascontiguousarray(transform_boxes(boxes, p.frame, p.pre)),
             "point_labels": np.tile(np.float32([2, 3]), (count, 1)),
             "mask_input": np.zeros((count, 1, size, size), np.float32),
             "has_mask_input": np.zeros(count, np.float32),

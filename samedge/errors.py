@@ -54,6 +54,11 @@ class BundleError(SamedgeError):
     """A bundle is incomplete, tampered with, or was written by an incompatible samedge."""
 
 
+class UsageError(SamedgeError):
+    """An option is out of its range (a thread count beyond the cores) or an output would
+    overwrite an input."""
+
+
 class BackendUnavailableError(SamedgeError):
     """The requested inference backend is not installed or cannot run on this machine."""
 

@@ -31,6 +31,7 @@ from samedge.data.bundled import bundled_slices, bundled_volume
 from samedge.data.dicom import read_dicom_series
 from samedge.data.nifti import read_nifti
 from samedge.data.open import load_image
+from samedge.export.bundle import write_manifest
 from samedge.models import build_model
 from samedge.models.masam import MASAM_CT_WINDOW
 from samedge.models.reference import TorchReference
@@ -387,7 +388,7 @@ def test_build_refuses_a_changed_checkpoint(pipelines, ckpt, tmp_path):
     torch.save({k: v + 1e-3 if v.is_floating_point() else v for k, v in state.items()}, changed)
     manifest = _manifest(bundle)
     manifest["model"]["checkpoint"]["path"] = str(changed)
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(bundle, manifest)  # a manifest rewritten by samedge, not a tampered one
     code, _, err = _run("build", bundle, "--backend", "onnxruntime", "--precision", "fp16")
     assert code == 2 and "changed since the bundle was exported" in " ".join(err.split())
     assert not _artifacts(bundle, "fp16")

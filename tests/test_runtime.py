@@ -12,6 +12,7 @@ import pytest
 
 from samedge.data.prompts import auto_boxes
 from samedge.errors import BundleError, PromptError
+from samedge.export.bundle import write_manifest
 from samedge.models.reference import TorchReference
 from samedge.runtime import Bundle, Predictor
 
@@ -158,7 +159,7 @@ def test_predictor_follows_the_bundles_default_variant(bundle_copy, monkeypatch)
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["default_variant"] = {"backend": "openvino", "precision": "fp16",
                                    "decoder_precision": "fp32"}
-    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(bundle_copy, manifest)  # as the pipeline records it
     chosen = Predictor(bundle_copy)
     assert (chosen.backend, chosen.precision, chosen.decoder_precision) == \
         ("openvino", "fp16", "fp32")

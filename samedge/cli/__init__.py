@@ -5,6 +5,7 @@ Errors from samedge's hierarchy are printed with their hint and exit non-zero wi
 
 from __future__ import annotations
 
+import re
 import sys
 
 from rich.console import Console
@@ -14,13 +15,27 @@ from samedge.cli.parser import build_parser, family_options_for
 from samedge.errors import SamedgeError
 
 
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """``--box -10,5,60,70`` → ``--box=-10,5,60,70``: argparse takes a value that starts with
+    "-" and is not a plain number for an option, and would stop with "expected one argument"."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1] in ("--box", "--point", "--box3d") and re.match(r"^-[\d.]", token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from samedge.progress import Steps
+    from samedge.runtime.backends import check_threads
 
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _attach_negative_values(sys.argv[1:] if argv is None else list(argv))
     args = build_parser(family_options_for(argv)).parse_args(argv)
     steps = Steps(quiet=args.quiet)
     try:
+        check_threads(args.threads)
         return args.func(args, steps)
     except SamedgeError as exc:
         # soft_wrap: a long path must not be broken across lines (logs, grep, tests)

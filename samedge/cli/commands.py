@@ -32,7 +32,10 @@ def _model_options(args) -> dict:
 
 
 def cmd_pipeline(args, steps) -> int:
+    from samedge.export.atomic import check_target
     from samedge.pipeline.run import run_pipeline
+
+    check_target(args.out)  # before torch loads and minutes of work, not after
 
     result = run_pipeline(args.family, args.out, args.backends.split(","), threads=args.threads,
                           steps=steps, validation_data=args.validation_data or None,
@@ -47,9 +50,12 @@ def cmd_pipeline(args, steps) -> int:
 def cmd_export(args, steps) -> int:
     from samedge.data.bundled import bundled_slices
     from samedge.data.items import centre, read_items
+    from samedge.export.atomic import check_target
     from samedge.export.exporter import export_bundle
     from samedge.models import build_model
     from samedge.pipeline.run import EXPORT_VALIDATION
+
+    check_target(args.out)  # refuse a foreign folder before the model is built
 
     with steps.step(f"build {args.family} model"):
         card = build_model(args.family, **_model_options(args))
@@ -77,7 +83,7 @@ def _parse_numbers(text: str, count: tuple[int, ...], what: str) -> list[float]:
     return values
 
 
-def _read_input(args, predictor):
+def _read_input(args, depth, pre):
     """The slice to segment (and, for depth models, the stack of D slices around it).
 
     CT without ``--window`` gets the window the family was trained on where the bundle records
@@ -85,16 +91,16 @@ def _read_input(args, predictor):
     from samedge.data.open import load_image, open_volume, volume_stack
 
     def read(window):
-        if predictor.depth == 1:
+        if depth == 1:
             image = load_image(args.image, slice_index=args.slice, window=window,
-                               modality=args.modality)
+                               modality=args.modality, frame=args.frame)
             return image, None
-        volume = open_volume(args.image, window, args.modality)
-        stack = volume_stack(volume, predictor.depth, args.slice)
-        return stack[predictor.depth // 2], stack
+        volume = open_volume(args.image, window, args.modality, frame=args.frame)
+        stack = volume_stack(volume, depth, args.slice)
+        return stack[depth // 2], stack
 
     image, stack = read(args.window)
-    family_window = predictor.pre.ct_window
+    family_window = pre.ct_window
     if args.window is None and family_window is not None and image.modality.upper() == "CT":
         level, width = family_window
         image, stack = read(family_window)
@@ -103,15 +109,62 @@ def _read_input(args, predictor):
     return image, stack
 
 
-def cmd_predict(args, steps) -> int:
+def _prompt_arrays(boxes, points, pre) -> dict:
+    """``predict`` keyword arguments from parsed --box / --point values."""
     import numpy as np
 
-    from samedge.overlay import save_label_outputs, save_mask_outputs
-    from samedge.runtime import Predictor
+    kwargs = {}
+    if boxes:
+        kwargs["boxes"] = np.array(boxes)
+    if points:
+        labels = [p[2] if len(p) == 3 else 1 for p in points]
+        if any(label not in (0, 1) for label in labels):
+            raise PromptError(f"point labels must be 1 (foreground) or 0 (background); got "
+                              f"{sorted(set(labels))}", hint="--point x,y[,1|0]")
+        xy = np.array([p[:2] for p in points])
+        if pre.point_order == "yx":  # Med-SA legacy/3D read clicks as (row, col)
+            xy = xy[:, ::-1]
+        kwargs["point_coords"] = xy[None]
+        kwargs["point_labels"] = np.array(labels)[None]
+    return kwargs
 
-    predictor = Predictor(args.bundle, backend=args.backend, precision=args.precision,
+
+def cmd_predict(args, steps) -> int:
+    """Everything a user typed is checked before the encoder runs: outputs against inputs,
+    prompts against the image, the manifest; each model file is hashed as it is loaded."""
+    import numpy as np
+
+    from samedge.overlay import (
+        output_paths,
+        refuse_overwriting,
+        save_label_outputs,
+        save_mask_outputs,
+    )
+    from samedge.runtime import Bundle, Predictor
+    from samedge.runtime.predictor import check_prompts
+
+    refuse_overwriting(output_paths(args.out), [args.image, args.bundle])
+    boxes = [_parse_numbers(b, (4,), "box") for b in args.box]
+    points = [_parse_numbers(p, (2, 3), "point") for p in args.point]
+    bundle = Bundle(args.bundle, verify=False)
+    family = bundle.model.get("family", "this model")
+    semantic = bundle.model["decoder"] == "semantic"
+    if semantic and (boxes or points):
+        raise PromptError(f"{family} is prompt-free: its decoder labels every class without a "
+                          "prompt, so --box/--point mean nothing to it",
+                          hint="drop --box and --point; predict writes the label map")
+    if not semantic and not (boxes or points):
+        raise PromptError(f"empty prompt: {family} segments what a prompt points at",
+                          hint="give --box x0,y0,x1,y1 and/or --point x,y[,label]")
+    if points and len(boxes) > 1:
+        raise PromptError("points can be combined with one box only on the command line")
+    pre = bundle.preprocessing
+    kwargs = _prompt_arrays(boxes, points, pre)
+    image, stack = _read_input(args, int(bundle.model["depth"]), pre)
+    if not semantic:
+        check_prompts(pre, image.image.shape[:2], **kwargs)
+    predictor = Predictor(bundle, backend=args.backend, precision=args.precision,
                           threads=args.threads)
-    family = predictor.bundle.model.get("family", "this model")
     variant = f"{predictor.backend} {predictor.precision}" + (
         f" (decoder {predictor.decoder_precision})"
         if predictor.decoder_precision != predictor.precision else "")
@@ -120,18 +173,6 @@ def cmd_predict(args, steps) -> int:
               "the bundle's default variant" if (default.get("backend"), default.get("precision"))
               == (predictor.backend, predictor.precision) else "FP32 on an installed backend")
     console.print(escape(f"running {variant}, {chosen}"))
-    boxes = [_parse_numbers(b, (4,), "box") for b in args.box]
-    points = [_parse_numbers(p, (2, 3), "point") for p in args.point]
-    if predictor.semantic and (boxes or points):
-        raise PromptError(f"{family} is prompt-free: its decoder labels every class without a "
-                          "prompt, so --box/--point mean nothing to it",
-                          hint="drop --box and --point; predict writes the label map")
-    if not predictor.semantic and not (boxes or points):
-        raise PromptError(f"empty prompt: {family} segments what a prompt points at",
-                          hint="give --box x0,y0,x1,y1 and/or --point x,y[,label]")
-    if points and len(boxes) > 1:
-        raise PromptError("points can be combined with one box only on the command line")
-    image, stack = _read_input(args, predictor)
     if stack is None:
         with steps.step("encode image"):
             predictor.set_image(image.image)
@@ -153,15 +194,6 @@ def cmd_predict(args, steps) -> int:
                              f"present: {present}"))
         return 0
 
-    kwargs = {}
-    if boxes:
-        kwargs["boxes"] = np.array(boxes)
-    if points:
-        xy = np.array([p[:2] for p in points])
-        if predictor.pre.point_order == "yx":  # Med-SA legacy/3D read clicks as (row, col)
-            xy = xy[:, ::-1]
-        kwargs["point_coords"] = xy[None]
-        kwargs["point_labels"] = np.array([p[2] if len(p) == 3 else 1 for p in points])[None]
     result = predictor.predict(multimask_output=False, **kwargs)
     masks = np.asarray(result.masks)
     masks = masks.reshape(-1, *masks.shape[-2:])
@@ -176,6 +208,12 @@ def cmd_predict(args, steps) -> int:
 def cmd_info(args, steps) -> int:
     from samedge.runtime.bundle import Bundle
 
+    if args.upgrade:
+        from samedge.export.bundle import upgrade_bundle
+
+        upgrade_bundle(args.bundle)
+        console.print(escape(f"{args.bundle}: every file matches its sha256; manifest sealed "
+                             "(format 2)"))
     bundle = Bundle(args.bundle, verify=not args.no_verify)
     print_bundle(bundle.manifest, args.bundle)
     console.print(f"preprocessing: {bundle.manifest['preprocessing']}")

@@ -172,7 +172,7 @@ def build_parser(options: FamilyOptions = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="samedge", description="Medical SAM adaptations from training checkpoint to validated engines")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--threads", type=int, default=None,
-                        help="inference threads (default: all cores)")
+                        help="inference threads, 1 to the cores available (default: all)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pipeline", help="export, convert, check against PyTorch and time")
@@ -211,6 +211,8 @@ def build_parser(options: FamilyOptions = ()) -> argparse.ArgumentParser:
     p.add_argument("--modality", default=None,
                    help="modality of files that do not record it (NIfTI: MR by default; CT "
                         "windows it in HU)")
+    p.add_argument("--frame", type=int, default=None,
+                   help="volume of a 4-D NIfTI (required when it holds several)")
     p.add_argument("--backend", default=None,
                    help="onnxruntime, openvino or tensorrt (default: the bundle's default "
                         "variant, recorded by `samedge pipeline`, else the first installed)")
@@ -225,7 +227,11 @@ def build_parser(options: FamilyOptions = ()) -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a bundle and verify its files")
     p.add_argument("bundle", type=Path)
-    p.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the files' sha256 (the manifest is always verified)")
+    p.add_argument("--upgrade", action="store_true",
+                   help="seal a format 1 bundle's manifest as it is now, after checking every "
+                        "file (only for a copy you trust)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("doctor", help="what a TensorRT version can parse of a bundle, and what "

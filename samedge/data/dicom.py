@@ -79,7 +79,11 @@ def _dicom_slice(
 def _decode_error(path: Path, ds: Any, exc: Exception) -> ImageError:
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     encoding = getattr(syntax, "name", "unknown transfer syntax")
-    return ImageError(f"cannot decode pixels of {path.name} ({encoding}): {exc}", DECODER_HINT)
+    # Uncompressed pixels need no decoder: failing to read them means the file is damaged.
+    hint = (DECODER_HINT if getattr(syntax, "is_compressed", True) else
+            "its pixel data is shorter than its header says: the file is truncated or damaged; "
+            "copy it again from the archive")
+    return ImageError(f"cannot decode pixels of {path.name} ({encoding}): {exc}", hint)
 
 
 def read_dicom(path: str | Path, window: Window | None = None) -> Slice:

@@ -24,9 +24,11 @@ from samedge.errors import DataSourceError, ImageError, StackDepthError
 
 
 def open_source(
-    path: str | Path, window: Window | None = None, modality: str | None = None
+    path: str | Path, window: Window | None = None, modality: str | None = None,
+    frame: int | None = 0,
 ) -> Slice | Volume:
-    """Open any supported file or DICOM folder; volumes come back unread (headers only)."""
+    """Open any supported file or DICOM folder; volumes come back unread (headers only).
+    ``frame``: the volume of a 4-D NIfTI (None: refuse one with several)."""
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path} does not exist", hint="check the path")
@@ -34,7 +36,7 @@ def open_source(
     if kind == "series":
         return read_dicom_series(path, window=window)
     if kind == "nifti":
-        return read_nifti(path, modality or "MR", window)
+        return read_nifti(path, modality or "MR", window, frame)
     if kind == "npz":
         return read_npz(path, modality or "OT", window)
     if kind == "image":
@@ -51,9 +53,10 @@ def load_image(
     slice_index: int | None = None,
     window: Window | None = None,
     modality: str | None = None,
+    frame: int | None = 0,
 ) -> Slice:
     """One slice for ``predict``: the given slice of a volume, its middle slice by default."""
-    source = open_source(path, window, modality)
+    source = open_source(path, window, modality, frame)
     if isinstance(source, Slice):
         if slice_index not in (None, 0):
             raise ImageError(f"{source.name} is a single image, it has no slice {slice_index}",
@@ -70,9 +73,9 @@ STACK_HINT = "pass a volume: a DICOM series folder, a NIfTI file or a multi-fram
 
 
 def open_volume(path: str | Path, window: Window | None = None,
-                modality: str | None = None) -> Volume:
+                modality: str | None = None, frame: int | None = 0) -> Volume:
     """A volume for a depth model; a single 2-D image is a StackDepthError (it makes no stack)."""
-    source = open_source(path, window, modality)
+    source = open_source(path, window, modality, frame)
     if isinstance(source, Slice):
         raise StackDepthError(
             f"{Path(path).name} is a single 2-D image; this model's encoder takes a stack of "

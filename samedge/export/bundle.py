@@ -1,6 +1,8 @@
 """Writing a bundle atomically: everything lands in a hidden sibling folder, is fsynced and hashed,
-and only then replaces the target with one rename. A failed or interrupted export leaves the
-previous bundle (or nothing) in place, never a half-written one."""
+and only then replaces the target in one atomic exchange (:mod:`samedge.export.atomic`). A failed
+or interrupted export leaves the previous bundle (or nothing) in place, never a half-written one,
+and an export never deletes a file that samedge did not write. Every manifest is written sealed
+(:func:`write_manifest`): it records the sha256 of its own canonical form, which readers check."""
 
 from __future__ import annotations
 
@@ -15,10 +17,14 @@ from pathlib import Path
 
 from samedge import __version__
 from samedge.errors import BundleError
+from samedge.export.atomic import check_target, clean_stale, swap_in
 from samedge.runtime.bundle import (
     BUNDLE_FORMAT,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    Bundle,
+    read_manifest,
+    seal,
     sha256_file,
 )
 
@@ -49,6 +55,35 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def write_manifest(folder: Path, manifest: dict) -> dict:
+    """Write ``folder/manifest.json`` sealed with its own hash (every manifest writer goes through
+    here, or readers refuse the bundle as modified); returns what was written."""
+    sealed = seal(manifest)
+    write_json_atomic(Path(folder) / MANIFEST_NAME, sealed)
+    return sealed
+
+
+def upgrade_bundle(folder: Path) -> dict:
+    """Seal a format 1 bundle (written before manifests carried their hash) as it is now.
+
+    Trust on first use: every artifact is checked against its sha256 and the manifest against
+    the schema; the manifest's own content cannot be checked, which is why this is a deliberate
+    step (`samedge info BUNDLE --upgrade`) and never done silently on read.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder, sealed=False)
+    if manifest["format_version"] != 1:
+        raise BundleError(f"{folder} is already a format {manifest['format_version']} bundle",
+                          hint="nothing to upgrade")
+    sealed = write_manifest(folder, {**manifest, "format_version": FORMAT_VERSION})
+    try:
+        Bundle(folder)  # paths, companions, every file's sha256
+    except BundleError:
+        write_json_atomic(folder / MANIFEST_NAME, manifest)  # leave it as it was
+        raise
+    return sealed
+
+
 class BundleWriter:
     """Context manager that stages a bundle and commits it on success.
 
@@ -60,22 +95,15 @@ class BundleWriter:
 
     def __init__(self, target: Path):
         self.target = Path(target)
-        if self.target.exists() and not self._replaceable(self.target):
-            raise BundleError(
-                f"{self.target} exists and is not a samedge bundle; refusing to overwrite it",
-                hint="choose an empty or new output folder",
-            )
+        check_target(self.target)
         self._owner = os.getpid()
         self.staging = self.target.with_name(f".{self.target.name}.staging-{self._owner}")
         self.artifacts: list[dict] = []
         self._committed = False
 
-    @staticmethod
-    def _replaceable(path: Path) -> bool:
-        return path.is_dir() and ((path / MANIFEST_NAME).is_file() or not any(path.iterdir()))
-
     def __enter__(self) -> "BundleWriter":
         self.target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(self.target)
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir()
         return self
@@ -125,11 +153,8 @@ class BundleWriter:
             "versions": tool_versions(),
             "artifacts": self.artifacts,
         }
-        write_json_atomic(self.staging / MANIFEST_NAME, manifest)
-        old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-        if self.target.exists():
-            os.replace(self.target, old)
-        os.replace(self.staging, self.target)
-        shutil.rmtree(old, ignore_errors=True)
+        manifest = write_manifest(self.staging, manifest)
+        check_target(self.target)  # nothing foreign appeared while this export ran
+        swap_in(self.staging, self.target)
         self._committed = True
         return manifest

@@ -16,13 +16,13 @@ import numpy as np
 
 from samedge.data.items import Item, centre
 from samedge.data.slices import Slice
-from samedge.export.bundle import BundleWriter, write_json_atomic
+from samedge.export.bundle import BundleWriter, write_manifest
 from samedge.pipeline.timing import interleaved
 from samedge.progress import Steps
 from samedge.quantize.build import build_variants
 from samedge.quantize.calibset import CalibrationSet
 from samedge.quantize.candidates import MANIFEST_KEEP, BuildResult, SearchOptions
-from samedge.runtime.bundle import MANIFEST_NAME, Bundle
+from samedge.runtime.bundle import Bundle
 from samedge.runtime.cpu import int8_instructions
 from samedge.runtime.predictor import Predictor
 from samedge.validation.drift import VariantDrift
@@ -252,7 +252,7 @@ def quantize_for_pipeline(bundle_path: str | Path, card, slices: Sequence[Item],
                   if r.encoder_s is not None},
         "int8_instructions": fast,
     }
-    write_json_atomic(bundle_path / MANIFEST_NAME, manifest)
+    write_manifest(bundle_path, manifest)
     seconds = time.perf_counter() - started
     return PipelineQuantization(result, rows, default, messages, seconds, manifest,
                                 result.report if result else None)

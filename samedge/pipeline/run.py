@@ -17,13 +17,13 @@ from samedge.data.bundled import bundled_slices, bundled_stacks
 from samedge.data.items import centre, read_items
 from samedge.data.prompts import auto_boxes
 from samedge.data.slices import Slice
-from samedge.export.bundle import write_json_atomic
+from samedge.export.bundle import write_manifest
 from samedge.export.exporter import export_bundle
 from samedge.models import build_model
 from samedge.models.card import ModelCard
 from samedge.pipeline.timing import interleaved
 from samedge.progress import Steps
-from samedge.runtime.bundle import MANIFEST_NAME, NATIVE_FORMAT, Bundle
+from samedge.runtime.bundle import NATIVE_FORMAT, Bundle
 from samedge.runtime.predictor import Predictor
 from samedge.validation.drift import SemanticDrift, VariantDrift, measure_drift
 
@@ -154,7 +154,7 @@ def run_pipeline(
                     "reference": "FP32 PyTorch, same preprocessing",
                     **result.summary(),
                 }
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+    write_manifest(out, manifest)
     quantization = None
     if "openvino" in backends:
         # gate FP16, add INT8 only where it passes, record the fastest passing variant

@@ -18,7 +18,7 @@ from samedge.data.items import read_items
 from samedge.data.prompts import PromptPolicy
 from samedge.data.slices import Slice
 from samedge.errors import BackendUnavailableError, SamedgeError
-from samedge.export.bundle import BundleWriter, write_json_atomic
+from samedge.export.bundle import BundleWriter, write_manifest
 from samedge.progress import Steps
 from samedge.quantize.builders import fp16_variant, openvino_int8, qdq_int8
 from samedge.quantize.calibset import CalibrationSet
@@ -38,7 +38,7 @@ from samedge.quantize.openvino_nncf import (
     NncfConfig,
 )
 from samedge.runtime.backends import open_backend
-from samedge.runtime.bundle import MANIFEST_NAME, NATIVE_FORMAT, Bundle, backend_for
+from samedge.runtime.bundle import NATIVE_FORMAT, Bundle, backend_for
 from samedge.validation.gate import Gate, GateSet
 from samedge.validation.rebuild import reference_card
 from samedge.validation.records import WorstKeeper, validation_entry
@@ -183,7 +183,7 @@ def build_variants(
                 writer.add_artifact(graph, fmt, precision, candidate.files, **candidate.meta)
 
         # Measure every candidate in the staged bundle through the real Predictor.
-        write_json_atomic(stage / MANIFEST_NAME, _provisional(bundle.manifest, writer.artifacts))
+        write_manifest(stage, _provisional(bundle.manifest, writer.artifacts))
         staged = Bundle(stage)
         gate = gates.for_precision(precision)
         worst_cases: list = []

@@ -9,7 +9,7 @@ import numpy as np
 
 from samedge.data.windows import Window, normalize_window
 from samedge.errors import DataSourceError
-from samedge.export.bundle import write_json_atomic
+from samedge.export.bundle import write_manifest
 from samedge.progress import Steps
 from samedge.quantize.calibset import CalibrationSet
 from samedge.runtime.bundle import MANIFEST_NAME, Bundle
@@ -36,9 +36,11 @@ def calibrate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None,
                                  modality=modality)
     bundle_path = Path(bundle_path)
     if not (bundle_path / MANIFEST_NAME).is_file():
+        from samedge.export.atomic import check_target
         from samedge.export.exporter import export_bundle
         from samedge.models import build_model
 
+        check_target(bundle_path)  # a foreign folder is refused before the model is built
         with steps.step(f"build {family} model"):
             card = build_model(family, **model_options)
         sample = [s for _, s in zip(range(3), calibration.iter_slices())]
@@ -50,7 +52,7 @@ def calibrate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None,
     manifest["calibration"] = {**calibration.describe(), "bundled": data is None,
                                "modality": modality, "statistics": stats,
                                "preprocessing": "samedge.runtime.transforms.preprocess"}
-    write_json_atomic(bundle_path / MANIFEST_NAME, manifest)
+    write_manifest(bundle_path, manifest)
     return manifest
 
 

@@ -1,7 +1,14 @@
-"""Predictor: SamPredictor's two-step API over a bundle — encode once, decode each prompt fast."""
+"""Predictor: SamPredictor's two-step API over a bundle — encode once, decode each prompt fast.
+
+Memory stays bounded for any number of prompts: they are decoded in chunks sized so that one
+decoder call and its upscaled logits fit :data:`DECODE_MEMORY`, and each chunk is written into the
+result as it comes. Threads may share one Predictor: each thread has its own current image, and
+each backend runs one call at a time (see README, Robustness).
+"""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +19,14 @@ from samedge.runtime.backends import installed, open_backend
 from samedge.runtime.bundle import BACKEND_FORMATS, Bundle
 from samedge.runtime.intensity import WindowArg
 from samedge.runtime.postprocess import mask_scores, prompt_masks, semantic_maps
-from samedge.runtime.prompts import sparse_prompt
-from samedge.runtime.transforms import (
-    ImageFrame,
-    preprocess,
-    preprocess_stack,
-)
+from samedge.runtime.prompts import checked_prompt
+from samedge.runtime.transforms import ImageFrame, preprocess, preprocess_stack
+
+# Bytes one decoder call may take: its working memory plus the chunk's upscaled logits.
+DECODE_MEMORY = 256 * 2**20
+# A prompt's decoder working memory in units of one image embedding's bytes. OpenVINO, the
+# hungriest backend, took ~35-41 MiB per box on LiteMedSAM's 4 MiB embedding (docs/robustness.md).
+DECODER_WORK_PER_EMBEDDING = 12
 
 
 @dataclass
@@ -30,6 +39,15 @@ class Prediction:
     masks: np.ndarray
     scores: np.ndarray
     low_res_logits: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Image:
+    """One thread's encoded image: all slices' embeddings, the frame, the slice decoded."""
+
+    embeddings: np.ndarray
+    frame: ImageFrame
+    current: int
 
 
 @dataclass
@@ -76,6 +94,11 @@ class Predictor:
     ``set_volume``; semantic families (SAMed, MA-SAM) take no prompt and answer ``segment()``.
     Images may be uint8, uint16 or float in [0, 1]; raw CT goes in as HU with ``window="model"``
     (the family's training window) or ``window=(level, width)`` (see ``runtime.intensity``).
+
+    Threads may share one Predictor (a web server's handlers): each thread has its own current
+    image, so ``set_image`` then ``predict`` in one thread is never disturbed by another's, and
+    each backend runs one call at a time (memory stays that of one call; the calls already use
+    every core).
     """
 
     def __init__(
@@ -105,9 +128,8 @@ class Predictor:
         # Med-SA's decoder graph already returns its family's tokens (0:n whatever the flag).
         decoder_graph = self.bundle.manifest.get("graphs", {}).get("decoder", {})
         self.graph_selects_tokens = decoder_graph.get("token_selection") == "graph"
-        self._embeddings: np.ndarray | None = None
-        self._frame: ImageFrame | None = None
-        self._slice = 0
+        self._local = threading.local()  # each thread's _Image (set_image in one thread is
+        # invisible to the others, so concurrent requests never decode against another's image)
 
     # -- encoder -----------------------------------------------------------------------------
     def set_image(self, image: np.ndarray, window: WindowArg = None) -> None:
@@ -126,43 +148,57 @@ class Predictor:
     def set_volume(self, stack, window: WindowArg = None) -> None:
         """Encode D adjacent slices (a list of images, or a (D, H, W[, 3]) array) in one call.
 
-        D must be the bundle's depth (StackDepthError otherwise); ``window`` as in ``set_image``. ``predict`` then decodes
-        against the centre slice until ``select_slice`` picks another; ``segment`` answers all D.
+        D must be the bundle's depth (StackDepthError otherwise); ``window`` as in ``set_image``.
+        ``predict`` then decodes against the centre slice until ``select_slice`` picks another;
+        ``segment`` answers all D.
         """
         self._encode(*preprocess_stack(stack, self.pre, self.depth, window),
                      current=self.depth // 2)
 
     def _encode(self, tensor: np.ndarray, frame: ImageFrame, current: int) -> None:
-        self._embeddings = self.encoder.run({"image": tensor})["image_embeddings"]
-        self._frame, self._slice = frame, current
+        embeddings = self.encoder.run({"image": tensor})["image_embeddings"]
+        self._local.image = _Image(embeddings, frame, current)
 
     def set_embedding(self, embeddings: np.ndarray, frame: ImageFrame, current: int = 0) -> None:
         """Decode later prompts against embeddings encoded earlier (``VolumePredictor`` keeps
         them in its cache): (N, C, h, w), slice ``current`` of them, for images of ``frame``."""
-        self._embeddings, self._frame, self._slice = embeddings, frame, current
+        self._local.image = _Image(embeddings, frame, current)
 
     def select_slice(self, index: int) -> None:
         """Decode later prompts against slice ``index`` of the encoded stack (no encoder call)."""
-        count = len(self.embeddings)
+        image = self._image()
+        count = len(image.embeddings)
         if not -count <= index < count:
             raise PromptError(f"slice {index} is outside the encoded stack of {count}")
-        self._slice = index % count
+        self._local.image = _Image(image.embeddings, image.frame, index % count)
 
     def reset_image(self) -> None:
-        self._embeddings, self._frame, self._slice = None, None, 0
+        self._local.image = None
+
+    def _image(self) -> _Image:
+        image = getattr(self._local, "image", None)
+        if image is None:
+            raise PromptError("no image set", hint="call set_image(image) before predict "
+                                                    "(set_volume(stack) for depth models), in the "
+                                                    "thread that predicts: each thread has its "
+                                                    "own current image")
+        return image
 
     @property
     def embeddings(self) -> np.ndarray:
         """(N, C, h, w): every encoded slice's embedding."""
-        if self._embeddings is None:
-            raise PromptError("no image set", hint="call set_image(image) before predict "
-                                                    "(set_volume(stack) for depth models)")
-        return self._embeddings
+        return self._image().embeddings
+
+    @property
+    def frame(self) -> ImageFrame:
+        """Where the current image sits in the model input."""
+        return self._image().frame
 
     @property
     def image_embedding(self) -> np.ndarray:
         """(1, C, h, w): the embedding ``predict`` decodes against."""
-        return self.embeddings[self._slice : self._slice + 1]
+        image = self._image()
+        return image.embeddings[image.current : image.current + 1]
 
     # -- semantic decoder --------------------------------------------------------------------
     def segment(self) -> Segmentation:
@@ -170,8 +206,9 @@ class Predictor:
         if not self.semantic:
             raise PromptError("this bundle's decoder takes prompts; call predict(...)",
                               hint="segment() serves semantic families (SAMed, MA-SAM)")
-        low_res = self.decoder.run({"image_embeddings": self.embeddings})["class_logits"]
-        scores, labels = semantic_maps(low_res, self._frame, self.pre)
+        image = self._image()
+        low_res = self.decoder.run({"image_embeddings": image.embeddings})["class_logits"]
+        scores, labels = semantic_maps(low_res, image.frame, self.pre)
         return Segmentation(labels=labels, scores=scores, low_res_logits=low_res)
 
     # -- decoder -----------------------------------------------------------------------------
@@ -189,70 +226,61 @@ class Predictor:
         ``point_coords`` (N, 2) or (B, N, 2) in original pixels with ``point_labels`` (N,) or
         (B, N) (1 foreground, 0 background); ``boxes`` (4,) or (B, 4) xyxy; ``mask_input``
         (1, m, m) or (B, 1, m, m) low-res logits from a previous call. B prompts are decoded in
-        one call. ``multimask_output`` None follows the family's convention (single mask for
-        LiteMedSAM/MedSAM, three for SAM); Med-SA returns its output tokens 0:n either way.
+        chunks that fit ``DECODE_MEMORY``, so memory grows only by the result itself (B·K·H·W
+        bools, or float32 logits with ``return_logits``). ``multimask_output`` None follows the
+        family's convention (single mask for LiteMedSAM/MedSAM, three for SAM); Med-SA returns
+        its output tokens 0:n either way.
         """
         if self.semantic:
             raise PromptError("this bundle's decoder is semantic and takes no prompts",
                               hint="call segment() for class logits and the label map")
-        embedding, frame = self.image_embedding, self._frame
-        if point_coords is None and boxes is None and mask_input is None:
-            raise PromptError(
-                "empty prompt: give point_coords/point_labels, boxes or mask_input",
-                hint="for prompt-free segmentation use a semantic family (SAMed, MA-SAM)",
-            )
-        mask_count = np.shape(mask_input)[0] if np.ndim(mask_input) == 4 else 1
-        coords, labels, batched = sparse_prompt(point_coords, point_labels, boxes, frame,
-                                                self.pre, mask_count)
-        count = coords.shape[0]
-        mask, has_mask = self._mask_prompt(mask_input, count)
-        outputs = self._decode({
-            "image_embeddings": embedding,
-            "point_coords": coords,
-            "point_labels": labels,
-            "mask_input": mask,
-            "has_mask_input": has_mask,
-        }, count)
+        image = self._image()
+        embedding = image.embeddings[image.current : image.current + 1]
+        coords, labels, batched, mask, has_mask = checked_prompt(
+            self.pre, image.frame, point_coords, point_labels, boxes, mask_input)
         multimask = self.multimask_default if multimask_output is None else multimask_output
         if self.graph_selects_tokens:
             tokens = slice(None)
         else:
             tokens = slice(1, None) if multimask else slice(0, 1)
-        low_res = outputs["low_res_masks"][:, tokens]
-        scores = outputs["iou_predictions"][:, tokens]
-        scores_hw = mask_scores(low_res, frame, self.pre)
-        masks = scores_hw if return_logits else prompt_masks(scores_hw, self.pre)
+        count = coords.shape[0]
+        step = self._chunk(embedding, image.frame, count)
+        masks = scores = low_res = None
+        for start in range(0, count, step):
+            part = slice(start, min(start + step, count))
+            outputs = self.decoder.run({
+                "image_embeddings": embedding,
+                "point_coords": coords[part],
+                "point_labels": labels[part],
+                "mask_input": np.ascontiguousarray(
+                    mask[part] if len(mask) > 1 else np.broadcast_to(
+                        mask, (part.stop - part.start, *mask.shape[1:]))),
+                "has_mask_input": has_mask[part],
+            })
+            chunk_low = outputs["low_res_masks"][:, tokens]
+            if masks is None:  # the token count is known after the first call (Med-SA: n)
+                shape = (count, chunk_low.shape[1])
+                low_res = np.empty((*shape, *chunk_low.shape[2:]), np.float32)
+                scores = np.empty(shape, np.float32)
+                masks = np.empty((*shape, *image.frame.original_hw),
+                                 np.float32 if return_logits else bool)
+            low_res[part] = chunk_low
+            scores[part] = outputs["iou_predictions"][:, tokens]
+            scores_hw = mask_scores(chunk_low, image.frame, self.pre)
+            masks[part] = scores_hw if return_logits else prompt_masks(scores_hw, self.pre)
         if not batched:
             masks, scores, low_res = masks[0], scores[0], low_res[0]
         return Prediction(masks=masks, scores=scores, low_res_logits=low_res)
 
-    def _decode(self, feed: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
-        """One decoder call, or calls of the backend's ``decode_batch`` prompts when it runs
-        large prompt batches slower per prompt than small ones (ONNX Runtime on CPU: each prompt
-        carries image-sized intermediates, and a batch of 16 outgrows the cache)."""
-        step = getattr(self.decoder, "decode_batch", None)
-        if not step or count <= step:
-            return self.decoder.run(feed)
-        parts = [self.decoder.run({name: value if name == "image_embeddings"
-                                   else value[start:start + step]
-                                   for name, value in feed.items()})
-                 for start in range(0, count, step)]
-        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    def _chunk(self, embedding: np.ndarray, frame: ImageFrame, count: int) -> int:
+        """Prompts per decoder call: as many as fit :data:`DECODE_MEMORY` (decoder working
+        memory, all tokens' low-res logits, the chunk's upscaled logits), at most the backend's
+        ``decode_batch`` where it runs large batches slower per prompt (ONNX Runtime)."""
+        tokens = 4  # SAM's mask tokens; semantic/Med-SA graphs return about as many
+        height, width = frame.original_hw
+        per_prompt = (DECODER_WORK_PER_EMBEDDING * embedding.nbytes
+                      + tokens * self.pre.mask_size ** 2 * 4 + tokens * height * width * 4)
+        step = max(1, DECODE_MEMORY // per_prompt)
+        limit = getattr(self.decoder, "decode_batch", None)
+        return int(min(step, limit or step, count))
 
-    def _mask_prompt(self, mask_input, count):
-        size = self.pre.mask_size
-        if mask_input is None:
-            return (np.zeros((count, 1, size, size), np.float32), np.zeros(count, np.float32))
-        mask = np.asarray(mask_input, dtype=np.float32)
-        if mask.ndim == 3:
-            mask = mask[None]
-        if mask.shape[1:] != (1, size, size) or mask.shape[0] not in (1, count):
-            raise PromptError(
-                f"mask_input must be (1, {size}, {size}) or (B, 1, {size}, {size}); got "
-                f"{np.shape(mask_input)}",
-                hint="pass low_res_logits of a previous prediction",
-            )
-        if not np.isfinite(mask).all():
-            raise PromptError("mask_input contains NaN or Inf")
-        mask = np.ascontiguousarray(np.broadcast_to(mask, (count, 1, size, size)))
-        return mask, np.ones(count, np.float32)

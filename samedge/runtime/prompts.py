@@ -14,6 +14,7 @@ from samedge.runtime.transforms import (
     Preprocessing,
     check_boxes,
     check_points,
+    resized_shape,
     transform_boxes,
     transform_points,
 )
@@ -60,3 +61,58 @@ def sparse_prompt(point_coords, point_labels, boxes, frame: ImageFrame, pre: Pre
     coords = np.ascontiguousarray(np.concatenate(parts_xy, axis=1), dtype=np.float32)
     labels = np.ascontiguousarray(np.concatenate(parts_label, axis=1), dtype=np.float32)
     return coords, labels, batched
+
+
+def frame_for(image_hw: tuple[int, int], pre: Preprocessing) -> ImageFrame:
+    """The frame ``set_image`` will compute for an image of this size (no encoder call)."""
+    height, width = int(image_hw[0]), int(image_hw[1])
+    return ImageFrame((height, width), resized_shape(height, width, pre), pre.image_size)
+
+
+def check_prompts(pre: Preprocessing, image_hw: tuple[int, int], point_coords=None,
+                  point_labels=None, boxes=None, mask_input=None) -> None:
+    """Validate prompts against an image size before anything is encoded: the same checks
+    ``predict`` makes, so a bad prompt costs no encoder run (the CLI calls this first)."""
+    checked_prompt(pre, frame_for(image_hw, pre), point_coords, point_labels, boxes, mask_input)
+
+
+def checked_prompt(pre: Preprocessing, frame: ImageFrame, point_coords, point_labels, boxes,
+                   mask_input):
+    """Checked decoder inputs: (coords (B, N, 2), labels (B, N), batched, mask (1|B, 1, m, m),
+    has_mask (B,)). Points come first, then box corners (labels 2, 3); without a box SAM appends
+    one padding point (label -1), and a mask-only prompt is that pad."""
+    if point_coords is None and boxes is None and mask_input is None:
+        raise PromptError(
+            "empty prompt: give point_coords/point_labels, boxes or mask_input",
+            hint="for prompt-free segmentation use a semantic family (SAMed, MA-SAM)",
+        )
+    mask_count = np.shape(mask_input)[0] if np.ndim(mask_input) == 4 else 1
+    coords, labels, batched = sparse_prompt(point_coords, point_labels, boxes, frame, pre,
+                                            mask_count)
+    mask, has_mask = _mask_prompt(pre, mask_input, coords.shape[0])
+    if not has_mask.any():
+        empty = (labels < 0).all(axis=1)
+        if empty.any():
+            raise PromptError(
+                f"prompt {int(np.argmax(empty))} has only padding points (label -1): it "
+                "points at nothing", hint="label clicks 1 (foreground) or 0 (background)")
+    return coords, labels, batched, mask, has_mask
+
+
+def _mask_prompt(pre, mask_input, count):
+    """(mask (1 or B, 1, m, m), has_mask (B,)): one shared mask is broadcast chunk by chunk."""
+    size = pre.mask_size
+    if mask_input is None:
+        return np.zeros((1, 1, size, size), np.float32), np.zeros(count, np.float32)
+    mask = np.asarray(mask_input, dtype=np.float32)
+    if mask.ndim == 3:
+        mask = mask[None]
+    if mask.shape[1:] != (1, size, size) or mask.shape[0] not in (1, count):
+        raise PromptError(
+            f"mask_input must be (1, {size}, {size}) or (B, 1, {size}, {size}); got "
+            f"{np.shape(mask_input)}",
+            hint="pass low_res_logits of a previous prediction",
+        )
+    if not np.isfinite(mask).all():
+        raise PromptError("mask_input contains NaN or Inf")
+    return mask, np.ones(count, np.float32)

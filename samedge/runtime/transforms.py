@@ -350,6 +350,10 @@ def check_boxes(boxes: np.ndarray, frame: ImageFrame) -> np.ndarray:
             f"box {array[bad][0].tolist()} has x1 < x0 or y1 < y0",
             hint="boxes are (x0, y0, x1, y1) with the top-left corner first",
         )
+    flat = (array[:, 2] == array[:, 0]) | (array[:, 3] == array[:, 1])
+    if flat.any():  # the model answers a zero-area box with a confident empty mask
+        raise PromptError(f"box {array[flat][0].tolist()} has zero width or height",
+                          hint="a box must enclose the structure: x1 > x0 and y1 > y0")
     outside = (array[:, :2] < 0).any(axis=1) | (array[:, 2] > width) | (array[:, 3] > height)
     if outside.any():
         raise PromptError(

@@ -20,7 +20,12 @@ import numpy as np
 
 from samedge.errors import ImageError, PromptError, StackDepthError
 from samedge.runtime.predictor import Predictor
-from samedge.runtime.transforms import ImageFrame, preprocess, preprocess_stack, upscale_logits
+from samedge.runtime.transforms import (
+    ImageFrame,
+    preprocess,
+    preprocess_stack,
+    upscale_logits,
+)
 
 DEFAULT_CACHE_BYTES = 1 << 30  # 256 LiteMedSAM / SAM ViT slice embeddings (4 MiB each)
 BOX_MARGIN = 3 / 256  # LiteMedSAM's 3-D challenge inference widens the neighbour's box 3 px at 256²

@@ -13,6 +13,7 @@ class Backend(Protocol):
 
     A backend may also set ``decode_batch`` (int): the most prompts per decoder call it runs
     efficiently; the Predictor splits larger prompt batches into calls of that size.
+    ``run`` must be safe to call from any thread (one call at a time per object is enough).
     """
 
     name: str

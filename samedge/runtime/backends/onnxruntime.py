@@ -7,6 +7,7 @@ only when asked for by name (``providers``), never picked up silently.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,9 @@ class OnnxRuntimeBackend:
         self._session = ort.InferenceSession(str(path), options, providers=list(providers))
         self.input_names = tuple(i.name for i in self._session.get_inputs())
         self.output_names = tuple(o.name for o in self._session.get_outputs())
+        self._lock = threading.Lock()
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {name: inputs[name] for name in self.input_names}
-        return dict(zip(self.output_names, self._session.run(None, feed)))
+        with self._lock:  # concurrent runs are legal in ONNX Runtime but each holds its memory
+            return dict(zip(self.output_names, self._session.run(None, feed)))

@@ -13,6 +13,7 @@ it; until then the dynamic plan compiled at load time (which also validates the 
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class OpenVinoBackend:
         dynamic = any(self._dynamic_axes)
         self._plans: OrderedDict | None = OrderedDict() if dynamic and device == "CPU" else None
         self._seen: set = set()
+        self._lock = threading.Lock()
 
     def _plan(self, feed: dict[str, np.ndarray]):
         """(compiled model, request) for these input shapes: a static plan once compiled."""
@@ -76,10 +78,11 @@ class OpenVinoBackend:
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {n: inputs[n] for n in self.input_names}
-        compiled, request = self._plan(feed)
-        # share_inputs=False: OpenVINO may otherwise write into caller-owned buffers.
-        results = request.infer(feed, share_inputs=False)
-        return {
-            name: np.array(results[port], copy=True)
-            for name, port in zip(self.output_names, compiled.outputs)
-        }
+        with self._lock:  # an infer request serves one call at a time ("Infer Request is busy")
+            compiled, request = self._plan(feed)
+            # share_inputs=False: OpenVINO may otherwise write into caller-owned buffers.
+            results = request.infer(feed, share_inputs=False)
+            return {
+                name: np.array(results[port], copy=True)
+                for name, port in zip(self.output_names, compiled.outputs)
+            }

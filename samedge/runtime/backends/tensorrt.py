@@ -14,6 +14,7 @@ the engine's optimisation profile along its dynamic batch axis are run in slices
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -61,10 +62,17 @@ class TensorRtBackend:
         modes = [engine.get_tensor_mode(n) for n in names]
         self.input_names = tuple(n for n, m in zip(names, modes) if m == trt.TensorIOMode.INPUT)
         self.output_names = tuple(n for n, m in zip(names, modes) if m == trt.TensorIOMode.OUTPUT)
+        self._lock = threading.Lock()
+        if "point_coords" in self.input_names:  # a decoder: never send more prompts than the
+            # engine's optimisation profile takes (min, opt, max shapes of profile 0)
+            self.decode_batch = int(engine.get_tensor_profile_shape("point_coords", 0)[2][0])
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self._runner.infer({n: np.ascontiguousarray(v) for n, v in feed.items()})
-        return {name: np.array(outputs[name], copy=True) for name in self.output_names}
+        feed = {n: np.ascontiguousarray(v) for n, v in feed.items()}
+        with self._lock:  # one execution context and its device buffers: one call at a time
+            outputs = self._runner.infer(feed)
+            # copy: the runner reuses its host buffers on the next call
+            return {name: np.array(outputs[name], copy=True) for name in self.output_names}
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return run_in_batches(self._infer, {n: inputs[n] for n in self.input_names},
