@@ -33,7 +33,7 @@ SLICE = "693_J2KI.dcm"
 API = """
 import sys
 import numpy as np
-from samedge.calibration.sources import bundled_slices
+from samedge.data.bundled import bundled_slices
 from samedge.runtime import Predictor
 bundle, backend, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 image = next(s for s in bundled_slices() if s.name == {slice!r}).image
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     bundle, tmp = bundle_or_export(args.bundle)
-    from samedge.calibration.sources import bundled_slices
+    from samedge.data.bundled import bundled_slices
 
     source = next(s for s in bundled_slices() if s.name == SLICE)
     size = source.image.shape[0]

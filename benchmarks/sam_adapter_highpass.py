@@ -29,10 +29,10 @@ for path in (REPO, HERE):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from workload import count_flops, loadavg  # noqa: E402
+
 from samedge.pipeline.timing import interleaved  # noqa: E402
 from samedge.runtime.cpu import cpu_name, isa_summary  # noqa: E402
-
-from workload import count_flops, loadavg  # noqa: E402
 
 SIZE = 1024
 VARIANTS = ("vit_b", "vit_l", "vit_h")

@@ -18,10 +18,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from samedge.calibration.prompts import auto_boxes
-from samedge.calibration.sources import bundled_slices, load_image
 from samedge.cli import main
-from samedge.errors import BundleError, DataSourceError, ImageError, PromptError, UsageError
+from samedge.data.bundled import bundled_slices
+from samedge.data.open import load_image
+from samedge.data.prompts import auto_boxes
+from samedge.errors import (
+    BundleError,
+    DataSourceError,
+    ImageError,
+    PromptError,
+    UsageError,
+)
 from samedge.export import atomic
 from samedge.export.bundle import BundleWriter, upgrade_bundle, write_manifest
 from samedge.overlay import label_map, save_mask_outputs

@@ -27,7 +27,12 @@ from samedge.models import samed
 from samedge.models.highpass import HighPass, cutoff, upstream_highpass
 from samedge.models.infer import infer_decoder, infer_encoder
 from samedge.models.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SAM_VARIANTS
-from samedge.models.sam_adapter import PROMPT, build_sam_adapter, reference_forward, sam_adapter_reference
+from samedge.models.sam_adapter import (
+    PROMPT,
+    build_sam_adapter,
+    reference_forward,
+    sam_adapter_reference,
+)
 from samedge.runtime import Predictor
 from samedge.runtime.transforms import Preprocessing, preprocess
 from samedge.validation.drift import measure_drift

@@ -141,7 +141,7 @@ def cmd_predict(args, steps) -> int:
         save_mask_outputs,
     )
     from samedge.runtime import Bundle, Predictor
-    from samedge.runtime.predictor import check_prompts
+    from samedge.runtime.prompts import check_prompts
 
     refuse_overwriting(output_paths(args.out), [args.image, args.bundle])
     boxes = [_parse_numbers(b, (4,), "box") for b in args.box]
