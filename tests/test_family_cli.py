@@ -330,6 +330,7 @@ def test_pipeline_masam_adds_only_gate_passing_int8(pipelines):
         assert all(p["prompt"].startswith("class ") for p in entry["per_prompt"])
     default = manifest["default_variant"]
     assert default["backend"] == "openvino" and default["timed"]
+    report = " ".join(report.split())  # rich wraps the bullets where the timings put the edge
     assert "default variant: openvino" in report and "one segment() call" in report
 
 
