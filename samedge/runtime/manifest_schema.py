@@ -9,9 +9,12 @@ add to them without a format change.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Any
 
 from samedge.errors import BundleError
+from samedge.runtime.transforms import Preprocessing
 
 SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 # Bundle-relative paths; Bundle.__init__ refuses any that is absolute, climbs out with "..", or
@@ -24,29 +27,48 @@ BACKEND_NAMES = ("onnxruntime", "openvino", "tensorrt")
 POSITIVE_INT = {"type": "integer", "minimum": 1}
 TRIPLE = {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3}
 
-PREPROCESSING = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["image_size", "resize", "interpolation", "normalize", "pixel_mean", "pixel_std",
-                 "round_resized", "box_rounding", "point_order", "mask_size", "ct_window"],
-    "properties": {
-        "image_size": {"type": "integer", "minimum": 16, "maximum": 8192},
-        "resize": {"enum": ["longest_side", "stretch"]},
-        "interpolation": {"enum": ["area", "bilinear", "triangle_aa"]},
-        "normalize": {"enum": ["minmax", "mean_std", "unit"]},
-        "pixel_mean": TRIPLE,
-        "pixel_std": {**TRIPLE, "items": {"type": "number", "exclusiveMinimum": 0}},
-        "round_resized": {"type": "boolean"},
-        "box_rounding": {"enum": ["none", "floor"]},
-        "point_order": {"enum": ["xy", "yx"]},
-        "mask_size": {"type": "integer", "minimum": 4, "maximum": 8192},
-        "ct_window": {"oneOf": [
-            {"type": "null"},
-            {"type": "array", "minItems": 2, "maxItems": 2,
-             "prefixItems": [{"type": "number"}, {"type": "number", "exclusiveMinimum": 0}]},
-        ]},
-    },
+# Bounds and shapes the Preprocessing dataclass's types cannot state; every other field's schema
+# comes from its annotation (a Literal becomes an enum), so a new field is checked at once.
+PREPROCESSING_BOUNDS = {
+    "image_size": {"type": "integer", "minimum": 16, "maximum": 8192},
+    "mask_size": {"type": "integer", "minimum": 4, "maximum": 8192},
+    "resize_via": {"type": ["integer", "null"], "minimum": 16, "maximum": 8192},
+    "pixel_std": {**TRIPLE, "items": {"type": "number", "exclusiveMinimum": 0}},
+    "ct_window": {"oneOf": [
+        {"type": "null"},
+        {"type": "array", "minItems": 2, "maxItems": 2,
+         "prefixItems": [{"type": "number"}, {"type": "number", "exclusiveMinimum": 0}]},
+    ]},
 }
+# Fields every format-1 manifest already carried; later ones default when absent.
+PREPROCESSING_REQUIRED = ["image_size", "resize", "interpolation", "normalize", "pixel_mean",
+                          "pixel_std", "round_resized", "box_rounding", "point_order",
+                          "mask_size", "ct_window"]
+
+
+def _field_schema(annotation: Any) -> dict:
+    if typing.get_origin(annotation) is typing.Literal:
+        return {"enum": list(typing.get_args(annotation))}
+    simple = {int: "integer", float: "number", bool: "boolean", str: "string"}
+    if annotation in simple:
+        return {"type": simple[annotation]}
+    if typing.get_origin(annotation) is tuple:
+        return {"type": "array", "items": {"type": "number"},
+                "minItems": len(typing.get_args(annotation)),
+                "maxItems": len(typing.get_args(annotation))}
+    raise TypeError(f"no schema for a Preprocessing field of type {annotation}")
+
+
+def preprocessing_schema() -> dict:
+    """The ``preprocessing`` section's schema, from :class:`Preprocessing` itself."""
+    hints = typing.get_type_hints(Preprocessing)
+    properties = {name: PREPROCESSING_BOUNDS.get(name) or _field_schema(hints[name])
+                  for name in (f.name for f in dataclasses.fields(Preprocessing))}
+    return {"type": "object", "additionalProperties": False,
+            "required": PREPROCESSING_REQUIRED, "properties": properties}
+
+
+PREPROCESSING = preprocessing_schema()
 
 MODEL = {
     "type": "object",
