@@ -172,7 +172,7 @@ def test_embedding_cache_drops_least_recently_used_by_bytes():
     assert len(cache) == 1 and 9 in cache
 
 
-# -- segmentation with the real LiteMedSAM bundle ---------------------------------------------------
+# -- segmentation with the real LiteMedSAM bundle -------------------------------------------------
 @pytest.fixture(scope="module")
 def segmenter(litemedsam_bundle):
     return VolumePredictor(Predictor(litemedsam_bundle, backend="onnxruntime", threads=2))

@@ -103,6 +103,8 @@ class Volume:
 
 
 class _Images(Sequence):
+    """A volume's images, each read on access: what the runtime's VolumePredictor takes."""
+
     def __init__(self, volume: Volume):
         self._volume = volume
 
