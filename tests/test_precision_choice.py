@@ -324,7 +324,7 @@ def test_kept_units_carry_openvinos_precise_mark(tmp_path):
     assert list(precise.units) == [f"/layers.0/blocks.{b}" for b in range(3)]
     model = precise.realize(["/layers.0/blocks.0", "/layers.0/blocks.2"])
     assert marked_units(model) == ["/layers.0/blocks.1/mlp/MatMul", "/layers.0/blocks.1/act/Relu"]
-    kinds = {k for op in model.get_ordered_ops() for k in op.get_rt_info().keys()}
+    kinds = {k for op in model.get_ordered_ops() for k in op.get_rt_info()}
     assert "DisablePrecisionConversion_0" in kinds
     # the same mark on a weight keeps it FP32 when the IR is compressed to FP16
     weights = OpenVinoPrecise(_toy_model(), "op")

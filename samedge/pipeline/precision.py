@@ -121,7 +121,7 @@ def first_interaction(predictor: Predictor, item: Item) -> tuple[Callable, Calla
 
 
 def time_variants(bundle: Bundle, rows: Sequence[VariantRow], item: Item,
-                  threads: int | None, rule: SelectionRule = SelectionRule(),
+                  threads: int | None, rule: SelectionRule | None = None,
                   clock: Callable[[], float] = time.perf_counter):
     """Time a first interaction (encoder call + one box, or one ``segment()``) per row in rounds
     interleaved across rows (the cores are shared, so the variants see the same load) until the
@@ -142,7 +142,7 @@ def time_variants(bundle: Bundle, rows: Sequence[VariantRow], item: Item,
             costs[row.label] = [e + d for e, d in zip(encoder, decoder)]
         return costs
 
-    selection = select(time_rounds, [r.label for r in rows], rule)
+    selection = select(time_rounds, [r.label for r in rows], rule or SelectionRule())
     for row in rows:
         row.encoder_s = float(np.median(rounds[row.label]["encoder_s"]))
         row.decoder_s = float(np.median(rounds[row.label]["decoder_s"]))
@@ -253,7 +253,7 @@ def quantize_for_pipeline(bundle_path: str | Path, card, slices: Sequence[Item],
                           calibration: CalibrationSet | None = None,
                           search: SearchOptions | None = None,
                           measured: dict[tuple[str, str], VariantDrift] | None = None,
-                          int8: bool = True, rule: SelectionRule = SelectionRule()
+                          int8: bool = True, rule: SelectionRule | None = None
                           ) -> PipelineQuantization:
     """What ``samedge pipeline`` does after export: keep the FP16 IR it measured (``measured``:
     the pipeline's drift per (backend, precision)) only if it passes its gate with margin, add
@@ -262,6 +262,7 @@ def quantize_for_pipeline(bundle_path: str | Path, card, slices: Sequence[Item],
     (``selection``) with its evidence. ``slices``: the validation items (stacks of D adjacent
     slices for depth models), the same the pipeline measured its drift on."""
     steps = steps or Steps(quiet=True)
+    rule = rule or SelectionRule()
     started = time.perf_counter()
     bundle_path = Path(bundle_path)
     gates = GateSet()

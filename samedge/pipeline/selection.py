@@ -18,8 +18,8 @@ Pure logic: the timing function is passed in, so tests drive it with a determini
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Mapping, Sequence
 
 FASTER, NOT_FASTER, UNCLEAR = "faster", "not faster", "unclear"
 
@@ -108,9 +108,10 @@ def decide(costs: Mapping[str, Sequence[float]], order: Sequence[str],
 
 
 def select(time_rounds: Callable[[int, bool], Mapping[str, Sequence[float]]],
-           order: Sequence[str], rule: SelectionRule = SelectionRule()) -> Selection:
+           order: Sequence[str], rule: SelectionRule | None = None) -> Selection:
     """Time ``rule.rounds`` rounds (``time_rounds(n, first)`` returns seconds per round for every
     label of ``order``), decide, and time more while a comparison is unclear."""
+    rule = rule or SelectionRule()
     costs: dict[str, list[float]] = {label: [] for label in order}
     count, first = rule.rounds, True
     while True:

@@ -17,8 +17,9 @@ drift measured there would be FP32's: :func:`require_bf16` refuses the build ins
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any
 
 from samedge.errors import PrecisionUnsupportedError
 from samedge.quantize.openvino_nncf import _OV_WEIGHTED, read_openvino, save_openvino
@@ -100,4 +101,4 @@ def marked_units(model: Any) -> list[str]:
     model = read_openvino(model)
     return [op.get_friendly_name() for op in model.get_ordered_ops()
             if any(key.startswith(("DisablePrecisionConversion", "precise"))
-                   for key in op.get_rt_info().keys())]
+                   for key in op.get_rt_info())]

@@ -21,7 +21,12 @@ from samedge.data.slices import Slice
 from samedge.errors import BackendUnavailableError, SamedgeError
 from samedge.export.bundle import BundleWriter, write_json_atomic
 from samedge.progress import Steps
-from samedge.quantize.builders import fp16_variant, openvino_bf16, openvino_int8, qdq_int8
+from samedge.quantize.builders import (
+    fp16_variant,
+    openvino_bf16,
+    openvino_int8,
+    qdq_int8,
+)
 from samedge.quantize.calibset import CalibrationSet
 from samedge.quantize.candidates import (
     Candidate,
