@@ -4,7 +4,7 @@ A variant's floor is its FLOPs at the rate of its own arithmetic: FP32 (and the 
 computes in FP32 on CPUs) at the FP32 GEMM rate, BF16 variants at the BF16 rate (AMX or
 AVX512-BF16 where present), INT8 at the INT8 rate (VNNI/AMX). One MatMul of size² × size²,
 compiled with the runtime's settings; INT8 is the same MatMul behind FakeQuantize on both inputs,
-the form NNCF writes. Each probe reports the precision the plugin actually ran (its execution
+the form NNCF writes (the input is fed non-negative, as its u8 quantizer expects). Each probe reports the precision the plugin actually ran (its execution
 graph), so a bf16 hint compiled as f32 on a CPU without BF16 shows as such.
 
     python benchmarks/gemm.py --threads 2
@@ -29,11 +29,11 @@ from samedge.runtime.cpu import cpu_name, isa_summary  # noqa: E402
 ARITHMETIC = ("f32", "bf16", "int8")
 
 
-def _fake_quantize(node, low: float, high: float):
+def _fake_quantize(node, low: float, high: float, levels: int):
     from openvino import opset13 as ops
 
     lo, hi = ops.constant(np.float32(low)), ops.constant(np.float32(high))
-    return ops.fake_quantize(node, lo, hi, lo, hi, 256)
+    return ops.fake_quantize(node, lo, hi, lo, hi, levels)
 
 
 def gemm_probe(arithmetic: str, size: int = 2048, threads: int | None = None):
@@ -45,8 +45,11 @@ def gemm_probe(arithmetic: str, size: int = 2048, threads: int | None = None):
     x = ops.parameter([size, size], np.float32, name="x")
     weight = ops.constant(rng.standard_normal((size, size)).astype(np.float32))
     if arithmetic == "int8":
-        product = ops.matmul(_fake_quantize(x, -4.0, 4.0), _fake_quantize(weight, -4.0, 4.0),
-                             False, False)
+        # NNCF's form: asymmetric u8 activations, symmetric weights (255 levels, zero point 0);
+        # a weight quantizer with 256 levels over [-4, 4] has no integer zero point, and the
+        # plugin then keeps the layer f32 (checked: its execution graph says f32)
+        product = ops.matmul(_fake_quantize(x, 0.0, 8.0, 256),
+                             _fake_quantize(weight, -4.0, 4.0, 255), False, False)
     else:
         product = ops.matmul(x, weight, False, False)
     model = ov.Model([product], [x])
@@ -60,7 +63,7 @@ def gemm_probe(arithmetic: str, size: int = 2048, threads: int | None = None):
                   if str(op.get_rt_info()["layerType"].astype(str)) in
                   ("FullyConnected", "MatMul", "Convolution")})
     request = compiled.create_infer_request()
-    feed = rng.standard_normal((size, size)).astype(np.float32)
+    feed = np.abs(rng.standard_normal((size, size))).astype(np.float32)
     request.infer({0: feed})
 
     def run() -> float:
