@@ -1,4 +1,5 @@
-"""LiteMedSAM latency: PyTorch eager vs samedge's runtime (ONNX Runtime, OpenVINO FP32/FP16 IR).
+"""LiteMedSAM latency: PyTorch eager vs samedge's runtime (ONNX Runtime, OpenVINO FP32/FP16 IR, and
+every INT8/BF16 OpenVINO variant the bundle holds), each against the floor of its arithmetic.
 
 Prints tables; never run as a test. Everything is measured in one run so that the ratios compare
 like with like on a machine whose cores are shared: variants are interleaved round by round (the
@@ -42,6 +43,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from samedge.pipeline.timing import interleaved  # noqa: E402
+from samedge.runtime.cpu import cpu_name, isa_summary  # noqa: E402
+
+from gemm import ARITHMETIC, arithmetic_of, gemm_probe  # noqa: E402
 from workload import (  # noqa: E402
     bundle_or_export,
     count_flops,
@@ -51,9 +56,6 @@ from workload import (  # noqa: E402
     pick_image,
 )
 
-from samedge.pipeline.timing import interleaved  # noqa: E402
-from samedge.runtime.cpu import cpu_name, isa_summary  # noqa: E402
-
 RUNTIME_VARIANTS = {  # name → (backend, precision)
     "ORT FP32": ("onnxruntime", "fp32"),
     "OpenVINO FP32": ("openvino", "fp32"),
@@ -61,18 +63,6 @@ RUNTIME_VARIANTS = {  # name → (backend, precision)
 }
 EAGER = "PyTorch eager FP32"
 SETTLE_S = 0.05  # pause before each timed call so the previous variant's spinning threads idle
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # -- variants ------------------------------------------------------------------------------------
@@ -122,10 +112,13 @@ class EagerVariant:
 
 
 class RuntimeVariant:
-    def __init__(self, bundle: Path, backend: str, precision: str, threads: int):
+    def __init__(self, bundle: Path, backend: str, precision: str, threads: int,
+                 decoder_precision: str | None = None):
         from samedge.runtime.predictor import Predictor
 
-        self.predictor = Predictor(bundle, backend=backend, precision=precision, threads=threads)
+        self.precision = precision
+        self.predictor = Predictor(bundle, backend=backend, precision=precision, threads=threads,
+                                   decoder_precision=decoder_precision)
 
     def encode_bare(self, tensor):
         return self.predictor.encoder.run({"image": tensor})
@@ -291,9 +284,19 @@ def run(args) -> None:
         wanted += [(f"{name} plain", Path(args.baseline_bundle), backend, precision)
                    for name, (backend, precision) in RUNTIME_VARIANTS.items()
                    if precision == "fp32"]
-    for name, path, backend, precision in wanted:
+    wanted = [(*w, None) for w in wanted]
+    # every other OpenVINO precision the bundle holds (INT8, BF16, INT8+BF16: what the pipeline
+    # or `samedge build` added), with its decoder where it has one, else the FP32 decoder
+    held = {(a["graph"], a["precision"]) for a in json.loads(
+        (bundle / "manifest.json").read_text())["artifacts"] if a["format"] == "openvino_ir"}
+    for precision in sorted({p for g, p in held if g == "encoder"} - {"fp32", "fp16"}):
+        decoder = precision if ("decoder", precision) in held else "fp32"
+        wanted.append((f"OpenVINO {precision.upper()}" + (" (dec FP32)" if decoder == "fp32"
+                                                          else ""),
+                       bundle, "openvino", precision, decoder))
+    for name, path, backend, precision, decoder in wanted:
         try:
-            variants[name] = RuntimeVariant(path, backend, precision, args.threads)
+            variants[name] = RuntimeVariant(path, backend, precision, args.threads, decoder)
         except Exception as exc:  # a missing backend or artifact skips that variant only
             print(f"  skipping {name}: {exc}")
     names = list(variants)
@@ -312,6 +315,9 @@ def run(args) -> None:
              "singles_n"]
     gemm_run, gemm_flops = gemm_seconds()
     gemm_samples: list[float] = []
+    # OpenVINO's GEMM per arithmetic (what each variant's floor is measured against)
+    isa_probes = {a: gemm_probe(a, 2048, args.threads) for a in ARITHMETIC}
+    isa_samples: dict[str, list[float]] = {a: [] for a in ARITHMETIC}
 
     def calls_of(name: str) -> list:
         v = variants[name]
@@ -320,13 +326,17 @@ def run(args) -> None:
                 lambda: v.decode_bare(feeds[name][16]), lambda: v.predict(boxes),
                 lambda: [v.predict(boxes[i: i + 1]) for i in range(len(boxes))]]
 
-    def gemm_probe() -> None:  # the machine's GEMM rate in each round, beside the variants
+    def rate_probe() -> None:  # the machine's GEMM rates in each round, beside the variants
         gemm_samples.append(min(gemm_run() for _ in range(3)))
+        for arithmetic, (run_once, _, _) in isa_probes.items():
+            isa_samples[arithmetic].append(min(run_once() for _ in range(2)))
 
     print(f"timing: {args.warmup} warm-up + {args.repeats} interleaved rounds ...", flush=True)
-    timed = interleaved([calls_of(n) for n in names] + [[gemm_probe]], args.repeats,
+    timed = interleaved([calls_of(n) for n in names] + [[rate_probe]], args.repeats,
                         warmup=args.warmup, settle_s=SETTLE_S)
     gemm_samples = gemm_samples[args.warmup:]
+    isa_rate = {a: isa_probes[a][1] / statistics.median(t[args.warmup:])
+                for a, t in isa_samples.items()}
     samples = {(n, k): timed[v][c] for v, n in enumerate(names) for c, k in enumerate(kinds)}
     print(f"  done (load {loadavg()})", flush=True)
 
@@ -347,6 +357,19 @@ def run(args) -> None:
     if graph_flops is not None:
         print(f"samedge graphs after export rewrites: encoder {enc_graph_flops / 1e9:.2f} GFLOP, "
               f"decoder {graph_flops / 1e9:.2f} GFLOP per box at B={n} (image-only work shared)")
+    print()
+    print(f"== OpenVINO GEMM 2048² per arithmetic on {cpu_name()} ({isa_summary()}), "
+          f"{args.threads} threads (median over rounds; 'ran as' from the execution graph)")
+    for arithmetic, (_, _, ran) in isa_probes.items():
+        print(f"{arithmetic:<6} ran as {ran:<6} {isa_rate[arithmetic] / 1e9:8.1f} GFLOP/s   "
+              f"encoder floor {enc_flops / isa_rate[arithmetic] * 1e3:7.1f} ms")
+
+    def own_floor(name: str) -> float:
+        """Encoder floor at the rate of the variant's own arithmetic (OpenVINO variants)."""
+        variant = variants[name]
+        if name == EAGER or not hasattr(variant, "precision") or not name.startswith("OpenVINO"):
+            return enc_floor
+        return enc_flops / isa_rate[arithmetic_of(variant.precision)]
 
     def med(name, kind):
         return stats(samples[(name, kind)])
@@ -355,12 +378,14 @@ def run(args) -> None:
     print()
     print("== encoder, one 256² image (ms; median / min over rounds)")
     print(f"{'variant':<22} {'bare med':>8} {'min':>8} {'set_image':>9} {'min':>8} "
-          f"{'pre+post':>8} {'vs eager':>8} {'x floor':>8}")
+          f"{'pre+post':>8} {'vs eager':>8} {'x floor':>8} {'x own':>8}")
     for name in names:
         bm, bmin = med(name, "enc_bare")
         sm, smin = med(name, "set_image")
         print(f"{name:<22} {ms(bm)} {ms(bmin)} {ms(sm):>9} {ms(smin)} {ms(sm - bm)} "
-              f"{eager_enc / bm:7.2f}x {bm / enc_floor:7.2f}x")
+              f"{eager_enc / bm:7.2f}x {bm / enc_floor:7.2f}x {bm / own_floor(name):7.2f}x")
+    print("  (x floor: against the FP32 GEMM rate; x own: against the OpenVINO GEMM rate of the "
+          "variant's own arithmetic, see above)")
 
     eager_dec = med(EAGER, "dec_bare_1")[0]
     print()

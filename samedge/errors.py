@@ -75,3 +75,7 @@ class GateFailedError(SamedgeError):
     """A quantized or reduced-precision variant drifted beyond its accuracy gate."""
 
     exit_code = 1
+
+
+class PrecisionUnsupportedError(SamedgeError):
+    """This machine cannot execute the requested arithmetic natively, so it cannot measure it."""

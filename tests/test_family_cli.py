@@ -245,7 +245,7 @@ def test_predict_masam_labels_the_centre_of_the_chosen_stack(pipelines, masam_ca
                           "-o", tmp_path / "m")  # the pipeline's default may be INT8
     assert code == 0, err
     labels = _png(tmp_path / "m.png")
-    assert labels.shape == (96, 128) and "z=7" in out and "fp32, as asked" in out
+    assert labels.shape == (96, 128) and "z=7" in out and "fp32: as asked" in out
     reference = TorchReference(masam_card)
     reference.set_volume([s.image for s in read_nifti(nifti).stack(7, MASAM_DEPTH)])
     want = reference.segment()["labels"][MASAM_DEPTH // 2]

@@ -431,7 +431,8 @@ def test_pipeline_precision_step_gates_fp16_and_keeps_fp32_default(bundle_copy, 
                                                                     litemedsam_card):
     """`samedge pipeline` without INT8: a failing FP16 IR leaves the bundle with the reason
     recorded, and the default is the fastest gate-passing variant (FP32 unless clearly faster)."""
-    from samedge.pipeline.precision import SPEED_MARGIN, quantize_for_pipeline
+    from samedge.pipeline.precision import quantize_for_pipeline
+    from samedge.pipeline.selection import SelectionRule
     from samedge.validation.drift import VariantDrift
 
     def drift(precision, dice):
@@ -444,7 +445,8 @@ def test_pipeline_precision_step_gates_fp16_and_keeps_fp32_default(bundle_copy, 
                 ("openvino", "fp16"): drift("fp16", [1.0, 1.0, 0.97, 1.0, 1.0])}
     slices = [s for s in real_slices if s.name == "CT_small.dcm"]
     result = quantize_for_pipeline(bundle_copy, litemedsam_card, slices, threads=2,
-                                   measured=measured, int8=False)
+                                   measured=measured, int8=False,
+                                   rule=SelectionRule(rounds=3, max_rounds=3))
     bundle = Bundle(bundle_copy)
     assert not [a for a in bundle.artifacts if a["format"] == "openvino_ir"
                 and a["precision"] == "fp16"]
@@ -459,7 +461,7 @@ def test_pipeline_precision_step_gates_fp16_and_keeps_fp32_default(bundle_copy, 
     default = bundle.manifest["default_variant"]
     assert (default["backend"], default["precision"], default["decoder_precision"]) == (
         "openvino", "fp32", "fp32")
-    assert SPEED_MARGIN > 0 and "openvino fp32" in default["timed"]
+    assert "openvino fp32" in default["timed"] and default["rule"]["margin"] > 0
 
 
 def test_depth_calibration_feeds_real_adjacent_stacks():

@@ -154,7 +154,7 @@ def test_predictor_follows_the_bundles_default_variant(bundle_copy, monkeypatch)
     """A bedside caller that names no backend runs what the pipeline chose (the fastest variant
     that passed its gate); an explicit choice wins, and a default whose backend is not installed
     falls back to FP32 on one that is."""
-    from samedge.runtime import predictor as module
+    from samedge.runtime import variants as module
 
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["default_variant"] = {"backend": "openvino", "precision": "fp16",

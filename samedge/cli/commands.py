@@ -168,11 +168,7 @@ def cmd_predict(args, steps) -> int:
     variant = f"{predictor.backend} {predictor.precision}" + (
         f" (decoder {predictor.decoder_precision})"
         if predictor.decoder_precision != predictor.precision else "")
-    default = predictor.bundle.manifest.get("default_variant") or {}
-    chosen = ("as asked" if args.backend or args.precision else
-              "the bundle's default variant" if (default.get("backend"), default.get("precision"))
-              == (predictor.backend, predictor.precision) else "FP32 on an installed backend")
-    console.print(escape(f"running {variant}, {chosen}"))
+    console.print(escape(f"running {variant}: {predictor.choice.why}"))
     if stack is None:
         with steps.step("encode image"):
             predictor.set_image(image.image)

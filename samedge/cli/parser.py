@@ -78,7 +78,9 @@ def _add_quantization_commands(sub, options: FamilyOptions) -> None:
     p.add_argument("--backend", required=True, choices=("openvino", "onnxruntime", "tensorrt"),
                    help="openvino: NNCF INT8 / FP16 IR; onnxruntime: Q/DQ INT8 / mixed FP16 "
                         "ONNX (the graphs TensorRT consumes); tensorrt: engines (needs TensorRT)")
-    p.add_argument("--precision", required=True, choices=("int8", "fp16"))
+    p.add_argument("--precision", required=True, choices=("int8", "fp16", "bf16", "int8-bf16"),
+                   help="bf16 / int8-bf16 (OpenVINO, an INT8 IR's float parts in BF16): built "
+                        "only on CPUs with AMX-BF16 or AVX512-BF16, which compute it")
     p.add_argument("--graphs", default="encoder,decoder", help="encoder, decoder or both")
     p.add_argument("--search", default="search", choices=("search", "nncf", "none"),
                    help="accuracy control for INT8: samedge's search (rank ops by INT8 error, "

@@ -22,8 +22,8 @@ def print_quantization(quantization) -> None:
     table = Table(title="OpenVINO variants vs FP32 PyTorch, gated (latency: interleaved rounds on "
                         "the largest slice)")
     semantic = quantization.manifest.get("model", {}).get("decoder") == "semantic"
-    for column in ("variant", "Dice mean", "Dice worst", "gate", "in bundle", "encoder",
-                   "decoder / call" if semantic else "decoder / box"):
+    for column in ("variant", "Dice mean", "Dice worst", "gate", "½ allowance", "in bundle",
+                   "encoder", "decoder / call" if semantic else "decoder / box"):
         table.add_column(column, justify="left" if column in ("variant", "gate") else "right",
                          no_wrap=column == "variant")
     for row in quantization.rows:
@@ -33,6 +33,7 @@ def print_quantization(quantization) -> None:
                       f"{summary['dice_min']:.4f}" if summary else "—",
                       _verdict(row.gate.to_dict() if row.gate else None)
                       .replace("reference", "—"),
+                      "—" if row.margin is None else "pass" if row.margin.passed else "FAIL",
                       "yes" if row.in_bundle else "no",
                       f"{row.encoder_s * 1e3:.0f} ms" if row.encoder_s else "—",
                       f"{row.decoder_s * 1e3:.1f} ms" if row.decoder_s else "—")

@@ -77,16 +77,40 @@ def bundled_stacks(depth: int, count: int = 2) -> list[list[Slice]]:
     return [volume.stack(centre, depth) for centre in [0, *evenly_spaced(len(volume), count - 1)]]
 
 
-# Real medical images shipped inside pydicom and nibabel that are *not* among
-# ``bundled_slices()`` (the default validation set): calibration on them keeps validation held out.
-# NM, ultrasound (single and 30 frames), MR volumes; other slices of the validation MR volumes.
-BUNDLED_CALIBRATION_DICOM = (
-    "JPEG2000.dcm", "examples_jpeg2k.dcm", "examples_ybr_color.dcm", "examples_rgb_color.dcm",
-    "examples_palette.dcm", "image_dfl.dcm",
-)
-BUNDLED_CALIBRATION_NIFTI = (
-    "example4d.nii.gz", "anatomical.nii", "example_nifti2.nii.gz", "reoriented_anat_moved.nii",
-)
+# Hold-out is by subject: no patient (DICOM PatientID; for nibabel's files, the acquisition) gives
+# both calibration/tuning slices and validation slices. The validation subjects are those of
+# ``bundled_slices()`` and ``PIPELINE_EXTRA``: CT 1CT1, CQ500-CT-310, JXD191021006; MR 4MR1,
+# 021234567, nibabel's example4d (example_nifti2 shares its header and affine: the same subject)
+# and anatomical (reoriented/resampled_anat_moved and functional are that subject's too);
+# ultrasound 13US1 (examples_rgb_color, and examples_jpeg2k: the same clip at twice the size).
+# Calibration gets the rest: nuclear medicine 8NM1 and two other ultrasound patients. image_dfl.dcm
+# is a synthetic test pattern, not a scan, and stays out. So the default calibration holds no CT
+# or MR: for those, `samedge calibrate --data` on your own scans.
+BUNDLED_CALIBRATION_DICOM = ("JPEG2000.dcm", "examples_ybr_color.dcm", "examples_palette.dcm")
+BUNDLED_CALIBRATION_NIFTI: tuple[str, ...] = ()
+
+# What `samedge pipeline` validates on beyond ``bundled_slices()``: more slices of the EPI volume
+# (between the three bundled ones) and an ultrasound frame, so its gate sees 12 slices of three
+# modalities and six subjects.
+PIPELINE_EPI_SLICES = (8, 16)
+PIPELINE_EXTRA_DICOM = ("examples_rgb_color.dcm",)
+
+
+def pipeline_validation_slices() -> list[Slice]:
+    """The pipeline's validation slices: ``bundled_slices()`` plus ``PIPELINE_EXTRA`` (subjects
+    disjoint from the calibration pool)."""
+    slices = bundled_slices()
+    nifti_dir = _package_dir("nibabel", "tests", "data")
+    if nifti_dir is not None and (nifti_dir / "example4d.nii.gz").is_file():
+        volume = read_nifti(nifti_dir / "example4d.nii.gz")
+        slices += [volume[z] for z in PIPELINE_EPI_SLICES]
+    dicom_dir = _package_dir("pydicom", "data", "test_files")
+    for name in PIPELINE_EXTRA_DICOM if dicom_dir is not None else ():
+        try:
+            slices.append(read_dicom(dicom_dir / name))
+        except (ImageError, DataSourceError) as exc:
+            warnings.warn(f"skipping bundled {name}: {exc.args[0]}", stacklevel=2)
+    return slices
 
 
 def bundled_calibration_paths() -> list[Path]:

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from samedge.data.bundled import bundled_slices, bundled_stacks
+from samedge.data.bundled import bundled_stacks, pipeline_validation_slices
 from samedge.data.items import centre, read_items
 from samedge.data.prompts import auto_boxes
 from samedge.data.slices import Slice
@@ -126,7 +126,7 @@ def run_pipeline(
             stacks = [list(s) for s in stacks] if stacks else bundled_stacks(depth, PIPELINE_STACKS)
             slices = [stack[depth // 2] for stack in stacks]  # where prompts are decoded
         else:
-            slices = list(slices) if slices is not None else bundled_slices()
+            slices = list(slices) if slices is not None else pipeline_validation_slices()
     chosen = [s for s in slices if s.name in EXPORT_VALIDATION] or slices[:3]
     manifest = export_bundle(card, out, [s.image for s in chosen], backends=backends,
                              steps=steps, image_names=[s.name for s in chosen],

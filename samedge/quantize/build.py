@@ -20,7 +20,12 @@ from samedge.data.slices import Slice
 from samedge.errors import BackendUnavailableError, SamedgeError
 from samedge.export.bundle import BundleWriter, write_manifest
 from samedge.progress import Steps
-from samedge.quantize.builders import fp16_variant, openvino_int8, qdq_int8
+from samedge.quantize.builders import (
+    fp16_variant,
+    openvino_bf16,
+    openvino_int8,
+    qdq_int8,
+)
 from samedge.quantize.calibset import CalibrationSet
 from samedge.quantize.candidates import (
     MANIFEST_KEEP,
@@ -39,19 +44,20 @@ from samedge.quantize.openvino_nncf import (
 )
 from samedge.runtime.backends import open_backend
 from samedge.runtime.bundle import NATIVE_FORMAT, Bundle, backend_for
-from samedge.validation.gate import Gate, GateSet
+from samedge.validation.gate import Gate, GateSet, with_margin
 from samedge.validation.rebuild import reference_card
 from samedge.validation.records import WorstKeeper, validation_entry
 from samedge.validation.references import Measured, references_for
 from samedge.validation.validate import GRAPHS
 
-PRECISIONS = ("int8", "fp16")
+PRECISIONS = ("int8", "fp16", "bf16", "int8-bf16")
+ONNX_PRECISIONS = ("int8", "fp16")  # BF16 variants are OpenVINO-only here (CPU hint + marks)
 
 
 # Backend → (artifact format written, backend that executes it for validation here).
 TARGETS = {
     "openvino": {p: NATIVE_FORMAT["openvino"] for p in PRECISIONS},
-    "onnxruntime": {p: NATIVE_FORMAT["onnxruntime"] for p in PRECISIONS},
+    "onnxruntime": {p: NATIVE_FORMAT["onnxruntime"] for p in ONNX_PRECISIONS},
 }
 # `build --backend tensorrt`: the ONNX graphs above (built first where missing), then engines
 # (samedge.quantize.engines).
@@ -102,10 +108,17 @@ def build_variants(
         raise SamedgeError(f"precision {precision!r} is not built here", hint=f"use {PRECISIONS}")
     if backend not in BACKENDS:
         raise SamedgeError(f"unknown backend {backend!r}", hint=f"use one of {sorted(BACKENDS)}")
+    if precision not in TARGETS.get(backend, TARGETS["onnxruntime"]):
+        raise SamedgeError(f"{precision} is built for OpenVINO only",
+                           hint="TensorRT BF16 engines (Ampere and later) are not built by this "
+                                "version: untested without a GPU; use --backend openvino")
     unknown = [g for g in graphs if g not in GRAPHS]
     if unknown or not graphs:
         raise SamedgeError(f"unknown graph(s) {', '.join(unknown) or '(none)'}",
                            hint="use encoder, decoder or encoder,decoder")
+    if search is not None and search.method == "nncf" and "bf16" in precision:
+        raise SamedgeError("accuracy control 'nncf' quantizes; BF16 variants are searched by "
+                           "samedge's search", hint="use --search search (or none)")
     if search is not None and search.method == "nncf" and backend != "openvino":
         raise SamedgeError("accuracy control 'nncf' (quantize_with_accuracy_control) works on "
                            "OpenVINO models only", hint="use --search search for ONNX graphs")
@@ -113,12 +126,18 @@ def build_variants(
         return _build_tensorrt(bundle_path, precision, graphs, calibration, validation, prompts,
                                gates, search, nncf_config, ort_calibration, card, threads, steps,
                                report, layer_errors, engine_options)
+    bf16 = "bf16" in precision
+    if bf16:  # before any slow work: drift measured in emulated f32 would say nothing
+        from samedge.quantize.bf16 import require_bf16
+
+        require_bf16()
     bundle_path = Path(bundle_path)
     bundle = Bundle(bundle_path)
     card = reference_card(bundle, card)
     gates = gates or GateSet()
     search = search or SearchOptions()
-    search = replace(search, target=at_least(search.target, gates.for_precision(precision)))
+    margin = with_margin(gates.for_precision(precision))
+    search = replace(search, target=at_least(search.target, margin) if search.target else margin)
     nncf_config = nncf_config or NncfConfig()
     calibration = calibration or calibration_from_manifest(bundle.manifest)
     policy = prompts or PromptPolicy(clicks=bundle.model.get("prompt") == "points")
@@ -130,7 +149,8 @@ def build_variants(
     with steps.step(f"FP32 PyTorch reference on {len(validation)} validation slices"):
         measured = references_for(card, validation, policy, Steps(quiet=True))
     tuning = measured
-    if precision == "int8" and search.method != "none" and search.tune_on == "calibration":
+    searched = precision != "fp16" and search.method != "none"
+    if searched and search.tune_on == "calibration":
         depth = int(bundle.model.get("depth", 1))
         tune_slices = [s for _, s in zip(range(search.tune_count), calibration.iter_items(depth))]
         with steps.step(f"FP32 PyTorch reference on {len(tune_slices)} tuning slices"):
@@ -147,7 +167,8 @@ def build_variants(
         for graph in graphs:
             t0 = time.perf_counter()
             feeds = feeds_for(graph, calibration, bundle, encoder_fp32, policy)
-            probe = CandidateProbe(bundle, graph, measure_backend, tuning, threads)
+            probe = CandidateProbe(bundle, graph, measure_backend, tuning, threads,
+                                   "bf16" if bf16 else None)
             tools = quiet_tools(steps.quiet)
             tools.__enter__()
             try:
@@ -161,7 +182,10 @@ def build_variants(
                         fp32 = open_backend(measure_backend, bundle.entry_path(
                             bundle.find("decoder", measure_backend, "fp32")), threads)
                         proxy = decoder_proxy(probe, ranking, fp32)
-                    if fmt == "openvino_ir":
+                    if bf16:
+                        candidate = openvino_bf16(graph, bundle, stage, precision, probe, proxy,
+                                                  search, steps)
+                    elif fmt == "openvino_ir":
                         candidate = openvino_int8(graph, bundle, stage, feeds, probe, proxy,
                                                    search, nncf_config, steps)
                     else:
@@ -278,8 +302,8 @@ def report_extras(result: BuildResult, measured: Measured) -> dict:
 
 
 def at_least(target: Gate, gate: Gate) -> Gate:
-    """The search target, raised where the admission gate is stricter (a gate override given
-    on the command line must not be looser than what the search aims for)."""
+    """The search target, raised where ``gate`` (the admission gate with its margin) is stricter:
+    a target given by a caller never aims closer to the gate than half its allowance."""
     return replace(target, max_mean_dice_drop=min(target.max_mean_dice_drop,
                                                   gate.max_mean_dice_drop),
                    min_worst_dice=max(target.min_worst_dice, gate.min_worst_dice))

@@ -1,4 +1,5 @@
-"""One builder per tool: NNCF INT8 IR, ONNX Runtime Q/DQ INT8, and FP16 (IR or mixed ONNX)."""
+"""One builder per tool: NNCF INT8 IR, ONNX Runtime Q/DQ INT8, FP16 (IR or mixed ONNX), and
+OpenVINO BF16 (FP32 or INT8 IR with FP32-kept units)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from samedge.errors import SamedgeError
 from samedge.progress import Steps
 from samedge.quantize.calibset import Feeds
 from samedge.quantize.candidates import (
@@ -116,3 +118,33 @@ def _count_reasons(reasons: dict[str, str]) -> dict[str, int]:
             "output magnitude above FP16-safe range on calibration data"
         counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def openvino_bf16(graph: str, bundle: Bundle, stage: Path, precision: str, probe: CandidateProbe,
+                  proxy, options: SearchOptions, steps: Steps) -> Candidate:
+    """``bf16``: the FP32 IR, ``int8-bf16``: the bundle's INT8 IR, each with the units the
+    accuracy search keeps in FP32 marked ``precise``; run with ``INFERENCE_PRECISION_HINT=bf16``
+    (recorded on the artifact, so the runtime runs it exactly so)."""
+    from samedge.quantize.bf16 import OpenVinoPrecise
+
+    source_precision = "int8" if precision == "int8-bf16" else "fp32"
+    source = bundle.find(graph, "openvino", source_precision)
+    if source["format"] != "openvino_ir":
+        raise SamedgeError(f"{precision} {graph}: the bundle has no {source_precision} IR",
+                           hint="run `samedge build --backend openvino --precision int8` first")
+    mixed = OpenVinoPrecise(bundle.entry_path(source), options.granularity)
+    search = None
+    if options.method == "none":
+        model = mixed.realize(list(mixed.units))
+    else:
+        model, search = run_search(list(mixed.units), mixed.realize, probe, proxy, options, steps,
+                                   f"{graph} {precision}")
+    files = save_openvino(model, stage / "openvino" / f"{graph}_{precision}.xml")
+    meta = {"inference_precision": "bf16", "conversion": {
+        "source": source["entry"], "tool": "OpenVINO INFERENCE_PRECISION_HINT=bf16, units kept "
+                                           "FP32 by the 'precise' runtime-info mark",
+        "granularity": options.granularity, "accuracy_control": options.method,
+        "fp32_units": search.float_units if search else []}}
+    if search is not None:
+        meta["conversion"]["search"] = search.describe()
+    return Candidate(graph, "openvino_ir", precision, files, meta, search)

@@ -31,7 +31,7 @@ from samedge.runtime.backends import open_backend
 from samedge.runtime.bundle import Bundle
 from samedge.runtime.predictor import Predictor
 from samedge.validation.drift import SemanticDrift, VariantDrift
-from samedge.validation.gate import SEARCH_TARGET, Gate, GateResult
+from samedge.validation.gate import Gate, GateResult
 from samedge.validation.references import Measured
 
 
@@ -42,15 +42,16 @@ from samedge.validation.references import Measured
 class SearchOptions:
     """Accuracy control: ``method`` "search" (samedge's: rank ops by single-op INT8 error, bisect
     on the real metric), "nncf" (``nncf.quantize_with_accuracy_control``, OpenVINO only) or
-    "none" (plain PTQ). ``target`` is what the search aims for (default: mean Dice ≥ 0.99 and
-    worst ≥ 0.95, stricter than the admission gate); ``tune_on`` which slices it measures:
+    "none" (plain PTQ). ``target`` is what the search aims for (default and at the loosest: the
+    admission gate with half its allowance kept for new data, ``gate.with_margin`` — INT8: mean
+    Dice ≥ 0.995, worst ≥ 0.95); ``tune_on`` which slices it measures:
     ``calibration`` (``tune_count`` slices of the calibration set, keeping validation held out)
     or ``validation``. ``granularity`` (OpenVINO): ``op`` switches each quantized op (with the ops
     sharing its input quantizer), ``block`` whole blocks — coarser, about 4× fewer units to rank,
     for a time budget (``samedge pipeline``)."""
 
     method: str = "search"
-    target: Gate = SEARCH_TARGET
+    target: Gate | None = None
     tune_on: str = "calibration"
     tune_count: int = 8
     ranking_count: int = 2
@@ -132,9 +133,11 @@ class CandidateProbe:
     other graph and mask upscaling are the runtime's own."""
 
     def __init__(self, bundle: Bundle, graph: str, backend: str, measured: Measured,
-                 threads: int | None):
+                 threads: int | None, inference_precision: str | None = None):
         self.bundle, self.graph, self.backend = bundle, graph, backend
         self.measured, self.threads = measured, threads
+        # OpenVINO candidates of BF16 variants run with the hint they will be validated with
+        self.options = {"inference_precision": inference_precision} if inference_precision else {}
         self.predictor = Predictor(bundle, backend=backend, precision="fp32", threads=threads)
         if graph == "decoder":  # the FP32 encoder's output does not change between candidates
             self.predictor.encoder = _Memo(self.predictor.encoder)
@@ -154,7 +157,7 @@ class CandidateProbe:
             return open_backend("onnxruntime", path, self.threads)
         path = self._tmp / "candidate.xml"
         save_openvino(model, path)
-        return open_backend("openvino", path, self.threads)
+        return open_backend("openvino", path, self.threads, **self.options)
 
     def drift(self, model: Any, label: str = "candidate",
               indices: Sequence[int] | None = None) -> VariantDrift | SemanticDrift:
@@ -192,7 +195,8 @@ class CompiledBackend:
                 for name, port in zip(self.output_names, self._compiled.outputs)}
 
 
-def quick_runner(model: Any, threads: int | None) -> Callable[[dict], dict]:
+def quick_runner(model: Any, threads: int | None,
+                 inference_precision: str = "f32") -> Callable[[dict], dict]:
     """Run a candidate in memory (no file round trip) for the ranking proxy only; decisions use
     the real backends through :class:`CandidateProbe`."""
     import onnx
@@ -210,7 +214,7 @@ def quick_runner(model: Any, threads: int | None) -> Callable[[dict], dict]:
         return lambda feed: dict(zip(names, session.run(None, {n: feed[n] for n in inputs})))
     import openvino as ov
 
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": inference_precision}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     compiled = ov.Core().compile_model(model, "CPU", config)
@@ -234,7 +238,7 @@ def encoder_proxy(probe: CandidateProbe, measured: Measured, count: int) -> Call
     pairs = measured.encoder_pairs(probe.bundle.preprocessing, count)
 
     def proxy(model: Any) -> float:
-        run = quick_runner(model, probe.threads)
+        run = quick_runner(model, probe.threads, **probe.options)
         return float(np.mean([_rel_sq(run({"image": x})["image_embeddings"][part], want)
                               for x, want, part in pairs]))
 
@@ -248,7 +252,7 @@ def decoder_proxy(probe: CandidateProbe, feeds: list[dict], reference) -> Callab
     wants = [reference.run(f)[name] for f in feeds]
 
     def proxy(model: Any) -> float:
-        run = quick_runner(model, probe.threads)
+        run = quick_runner(model, probe.threads, **probe.options)
         return float(np.mean([_rel_sq(run(f)[name], want) for f, want in zip(feeds, wants)]))
 
     return proxy

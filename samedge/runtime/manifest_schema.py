@@ -22,7 +22,7 @@ SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 RELATIVE_PATH = {"type": "string", "minLength": 1, "maxLength": 1024}
 GRAPHS = ("encoder", "decoder", "decoder_sam")
 FORMATS = ("onnx", "openvino_ir", "tensorrt_engine")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "bf16", "int8-bf16")
 BACKEND_NAMES = ("onnxruntime", "openvino", "tensorrt")
 POSITIVE_INT = {"type": "integer", "minimum": 1}
 TRIPLE = {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3}
@@ -100,6 +100,9 @@ ARTIFACT = {
         "files": {"type": "object", "minProperties": 1, "maxProperties": 64,
                   "propertyNames": RELATIVE_PATH, "additionalProperties": SHA256},
         "bytes": {"type": "integer", "minimum": 0},
+        # OpenVINO's INFERENCE_PRECISION_HINT a BF16 variant was validated with: the runtime
+        # compiles it exactly so, so it is pinned like every other field the runtime acts on
+        "inference_precision": {"enum": ["f32", "bf16", "f16"]},
     },
 }
 

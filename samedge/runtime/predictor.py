@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from samedge.errors import PromptError, StackDepthError
-from samedge.runtime.backends import installed, open_backend
-from samedge.runtime.bundle import BACKEND_FORMATS, Bundle
+from samedge.runtime.backends import open_backend
+from samedge.runtime.bundle import Bundle
 from samedge.runtime.intensity import WindowArg
 from samedge.runtime.postprocess import mask_scores, prompt_masks, semantic_maps
 from samedge.runtime.prompts import checked_prompt
 from samedge.runtime.transforms import ImageFrame, preprocess, preprocess_stack
+from samedge.runtime.variants import choose_variant, runtime_options
 
 # Bytes one decoder call may take: its working memory plus the chunk's upscaled logits.
 DECODE_MEMORY = 256 * 2**20
@@ -63,26 +64,6 @@ class Segmentation:
     low_res_logits: np.ndarray
 
 
-def choose_variant(bundle: Bundle, backend: str | None, precision: str | None,
-                   decoder_precision: str | None) -> tuple[str, str, str | None]:
-    """Fill what the caller left open from the bundle's ``default_variant``; an explicit backend
-    or precision always wins (the default applies only where it names the same backend)."""
-    default = bundle.manifest.get("default_variant") or {}
-    if backend is None:
-        backend = default.get("backend")
-        if backend is None or not installed(backend):
-            formats = {a["format"] for a in bundle.artifacts}
-            backend = next((b for b, readable in BACKEND_FORMATS.items()
-                            if formats & set(readable) and installed(b)), "onnxruntime")
-    if precision is None:
-        if default.get("backend") == backend:
-            precision = default.get("precision", "fp32")
-            decoder_precision = decoder_precision or default.get("decoder_precision")
-        else:
-            precision = "fp32"
-    return backend, precision, decoder_precision
-
-
 class Predictor:
     """Run a bundle's encoder and decoder with one backend.
 
@@ -113,16 +94,20 @@ class Predictor:
         that passed its accuracy gate where the bundle was built) when its backend is installed
         here, else FP32 on the first installed backend the bundle has files for."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
-        backend, precision, decoder_precision = choose_variant(self.bundle, backend, precision,
-                                                               decoder_precision)
+        # which variant runs and why (the default, or its fallback on a CPU without its ISA)
+        self.choice = choose_variant(self.bundle, backend, precision, decoder_precision)
+        backend, precision = self.choice.backend, self.choice.precision
+        decoder_precision = self.choice.decoder_precision
         self.backend, self.precision = backend, precision
         self.decoder_precision = decoder_precision or precision
         self.pre = self.bundle.preprocessing
         self.multimask_default = bool(self.bundle.model.get("multimask_default", False))
         encoder = self.bundle.find("encoder", backend, precision)
         decoder = self.bundle.find("decoder", backend, decoder_precision or precision)
-        self.encoder = open_backend(backend, self.bundle.entry_path(encoder), threads)
-        self.decoder = open_backend(backend, self.bundle.entry_path(decoder), threads)
+        self.encoder = open_backend(backend, self.bundle.entry_path(encoder), threads,
+                                    **runtime_options(encoder))
+        self.decoder = open_backend(backend, self.bundle.entry_path(decoder), threads,
+                                    **runtime_options(decoder))
         self.depth = int(self.bundle.model.get("depth", 1))
         self.semantic = self.bundle.model.get("decoder") == "semantic"
         # Med-SA's decoder graph already returns its family's tokens (0:n whatever the flag).

@@ -125,7 +125,7 @@ def bundle_variants(bundle: Bundle, backends: Sequence[str] = ("onnxruntime", "o
     from samedge.runtime.bundle import BACKEND_FORMATS
 
     have = {(a["graph"], a["format"], a["precision"]) for a in bundle.artifacts}
-    order = {"fp32": 0, "fp16": 1, "int8": 2}
+    order = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3, "int8-bf16": 4}
     out = []
     for backend in backends:
         fmt = NATIVE_FORMAT[backend]

@@ -52,8 +52,10 @@ def check_threads(threads: int | None) -> int | None:
     return threads
 
 
-def open_backend(name: str, path: str | Path, threads: int | None = None) -> Backend:
-    """Open one graph file with the named backend."""
+def open_backend(name: str, path: str | Path, threads: int | None = None,
+                 **options) -> Backend:
+    """Open one graph file with the named backend; ``options`` are the backend's own (OpenVINO's
+    ``inference_precision`` for BF16 variants), passed only when a variant records them."""
     if name not in _BACKENDS:
         raise BackendUnavailableError(f"unknown backend {name!r}",
                                       hint=f"choose one of {', '.join(BACKENDS)}")
@@ -66,7 +68,7 @@ def open_backend(name: str, path: str | Path, threads: int | None = None) -> Bac
             f"backend {name!r} is not installed ({exc})",
             hint=f"pip install 'samedge[{extra}]'",
         ) from exc
-    return getattr(module, class_name)(Path(path), threads=threads)
+    return getattr(module, class_name)(Path(path), threads=threads, **options)
 
 
 __all__ = ["BACKENDS", "Backend", "available_cores", "check_threads", "installed", "open_backend"]

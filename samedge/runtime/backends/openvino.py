@@ -1,7 +1,10 @@
 """OpenVINO backend: compiles an IR (or ONNX) for the CPU with latency hints.
 
-Inference precision is pinned to f32: on CPUs with AMX/AVX512-BF16 OpenVINO would otherwise run
-bf16 silently, and the drift gate validated f32 arithmetic (FP16 IR only halves the file).
+Inference precision is f32 unless the variant says otherwise: on CPUs with AMX/AVX512-BF16
+OpenVINO would otherwise run bf16 silently, and the drift gate validated f32 arithmetic (the FP16
+IR only halves the file). BF16 variants record ``inference_precision="bf16"`` and were validated
+with it; nodes whose runtime info carries OpenVINO's ``precise`` mark (disable_fp16_compression,
+read back as DisablePrecisionConversion) stay f32 under it (the CPU plugin's keepOrigPrecision).
 
 Graphs with dynamic inputs (the decoder's prompt batch B and point count N) are also compiled
 for each concrete input shape they meet, a few kept at a time: OpenVINO's static-shape plans
@@ -27,11 +30,12 @@ STATIC_EXTENT = 8  # ... when their dynamic dimensions multiply to at most this 
 class OpenVinoBackend:
     name = "openvino"
 
-    def __init__(self, path: Path, threads: int | None = None, device: str = "CPU"):
+    def __init__(self, path: Path, threads: int | None = None, device: str = "CPU",
+                 inference_precision: str = "f32"):
         self._core = ov.Core()
         self._config = {"PERFORMANCE_HINT": "LATENCY"}
         if device == "CPU":
-            self._config["INFERENCE_PRECISION_HINT"] = "f32"
+            self._config["INFERENCE_PRECISION_HINT"] = inference_precision
             if threads:
                 self._config["INFERENCE_NUM_THREADS"] = threads
         self._device = device
