@@ -241,7 +241,8 @@ def test_predict_samed_writes_the_label_map_in_its_ct_window(pipelines, tmp_path
 def test_predict_masam_labels_the_centre_of_the_chosen_stack(pipelines, masam_card, tmp_path):
     bundle, _ = pipelines["masam"]
     nifti = bundled_volume().source
-    code, out, err = _run("predict", bundle, nifti, "--slice", "7", "--precision", "fp32",
+    code, out, err = _run("predict", bundle, nifti, "--frame", "0", "--slice", "7",
+                          "--precision", "fp32",
                           "-o", tmp_path / "m")  # the pipeline's default may be INT8
     assert code == 0, err
     labels = _png(tmp_path / "m.png")
@@ -268,7 +269,8 @@ def test_predict_medsa_3d_reads_points_as_x_y(pipelines, tmp_path):
     """Med-SA 3D reads clicks as (row, col); ``--point x,y`` is image x, y and is swapped."""
     bundle, _ = pipelines["medsa3d"]
     nifti = bundled_volume().source
-    code, out, err = _run("predict", bundle, nifti, "--point", "90,30", "-o", tmp_path / "p")
+    code, out, err = _run("predict", bundle, nifti, "--frame", "0", "--point", "90,30",
+                          "-o", tmp_path / "p")
     assert code == 0, err
     mask = _png(tmp_path / "p.png")
     assert mask.shape == (96, 128) and set(np.unique(mask)) <= {0, 255}
@@ -292,7 +294,7 @@ def test_predict_medsa_3d_reads_points_as_x_y(pipelines, tmp_path):
     ("masam", ["--slice", "24"], "slice 24 out of range"),
 ])
 def test_predict_family_errors(pipelines, tmp_path, family, args, message):
-    image = bundled_volume().source
+    image, args = bundled_volume().source, ["--frame", "0", *args]  # the 4-D EPI's first volume
     if "--image" in args:
         kind = args[args.index("--image") + 1]
         args = [a for a in args if a not in ("--image", kind)]
