@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from samedge.errors import PrecisionUnsupportedError
+from samedge.export.bundle import write_manifest
 from samedge.pipeline.selection import (
     FASTER,
     NOT_FASTER,
@@ -196,9 +197,9 @@ def test_predictor_says_which_variant_and_falls_back(bundle_copy, monkeypatch):
     from samedge.runtime import variants as module
 
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
-    manifest["default_variant"] = {"backend": "openvino", "precision": "fp16-bf16",
+    manifest["default_variant"] = {"backend": "openvino", "precision": "bf16",
                                    "decoder_precision": "fp32", "cpu": {"name": "a Xeon"}}
-    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(bundle_copy, manifest)  # sealed, as a build on that Xeon would write it
     monkeypatch.setattr(module, "cpu_flags", lambda: AVX2)
     predictor = Predictor(bundle_copy)
     assert (predictor.backend, predictor.precision) == ("openvino", "fp32")

@@ -25,6 +25,7 @@ import volume_data as vd
 from samedge.cli import main
 from samedge.data.bundled import bundled_volume
 from samedge.data.open import open_volume
+from samedge.export.bundle import write_manifest
 from samedge.export.exporter import export_bundle
 from samedge.models import build_model
 from samedge.models.reference import TorchReference
@@ -116,7 +117,7 @@ def test_semantic_cli_writes_label_volume_and_dicom_seg_with_class_names(bundles
     manifest = json.loads((bundle / "manifest.json").read_text())
     names = [f"organ {i}" for i in range(1, 4)]
     manifest["model"]["class_names"] = names
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(bundle, manifest)
     data, _ = vd.ellipsoid()
     source = vd.write_nifti(tmp_path / "ct.nii.gz", data, vd.affine("flipped"))
     series = vd.nifti_to_series(source, tmp_path / "series")
