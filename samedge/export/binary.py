@@ -16,11 +16,9 @@ import numpy as np
 import torch
 
 from samedge.export.graphs import GraphSpec, Tolerance
-from samedge.export.onnx import export_graph, validate_graph
-from samedge.export.semantic import SemanticDecoder, semantic_cases
+from samedge.export.semantic import SemanticDecoder, export_prompt_free
 from samedge.models.card import ModelCard
 from samedge.models.sam_adapter import foreground_logits
-from samedge.models.samed import semantic_decode
 from samedge.progress import Steps
 
 
@@ -46,15 +44,6 @@ def binary_decoder_spec(card: ModelCard) -> GraphSpec:
 
 def export_binary_decoder(card: ModelCard, embeddings: Sequence[np.ndarray],
                           images: Sequence[np.ndarray], stage: Path, steps: Steps) -> dict:
-    """Export the merged model's binary decoder and validate it against ``card.reference``'s
-    upstream decoding on the real slices' embeddings; returns the manifest's graph entry."""
-    path = stage / "decoder.onnx"
-    truth = card.reference if card.reference is not None else card.model
-    spec = binary_decoder_spec(card)
-    with steps.step("export binary decoder (no prompt, mask token 0) to ONNX"):
-        export_graph(BinaryDecoder(card.model).eval(), spec,
-                     (torch.from_numpy(embeddings[0]),), path)
-    with steps.step(f"validate binary decoder on {sum(map(len, embeddings))} real slices"):
-        measured = validate_graph(path, spec, lambda e: semantic_decode(truth, e),
-                                  semantic_cases(embeddings))
-    return {"variant": "binary", **spec.describe(), "measured": measured}
+    """SAM-Adapter's binary decoder (mask token 0), validated like the semantic decoders."""
+    return export_prompt_free(card, BinaryDecoder(card.model), binary_decoder_spec(card),
+                              "binary", "no prompt, mask token 0", embeddings, stage, steps)

@@ -78,18 +78,25 @@ def semantic_cases(embeddings: Sequence[np.ndarray]) -> Iterator[dict[str, np.nd
     yield {"image_embeddings": np.concatenate(embeddings)}
 
 
-def export_semantic_decoder(card: ModelCard, embeddings: Sequence[np.ndarray],
-                            images: Sequence[np.ndarray], stage: Path, steps: Steps) -> dict:
-    """Export the merged model's semantic decoder to ``path`` and validate it against the
-    upstream decoding of ``card.reference`` (SAMed_s: its decoder LoRA still unmerged); returns
-    the manifest's graph entry. ``images`` are unused: the decoder takes no prompt."""
+def export_prompt_free(card: ModelCard, decoder: torch.nn.Module, spec: GraphSpec, kind: str,
+                       what: str, embeddings: Sequence[np.ndarray], stage: Path,
+                       steps: Steps) -> dict:
+    """Export a prompt-free decoder to ``stage/decoder.onnx`` and validate it against the
+    upstream decoding of ``card.reference`` on the real slices' embeddings; returns the
+    manifest's graph entry (``kind``: semantic or binary)."""
     path = stage / "decoder.onnx"
     truth = card.reference if card.reference is not None else card.model
-    spec = semantic_decoder_spec(card)
-    with steps.step("export semantic decoder (no prompt, K+1 class logits) to ONNX"):
-        export_graph(SemanticDecoder(card.model).eval(), spec,
-                     (torch.from_numpy(embeddings[0]),), path)
-    with steps.step(f"validate semantic decoder on {sum(map(len, embeddings))} real slices"):
+    with steps.step(f"export {kind} decoder ({what}) to ONNX"):
+        export_graph(decoder.eval(), spec, (torch.from_numpy(embeddings[0]),), path)
+    with steps.step(f"validate {kind} decoder on {sum(map(len, embeddings))} real slices"):
         measured = validate_graph(path, spec, lambda e: semantic_decode(truth, e),
                                   semantic_cases(embeddings))
-    return {"variant": "semantic", **spec.describe(), "measured": measured}
+    return {"variant": kind, **spec.describe(), "measured": measured}
+
+
+def export_semantic_decoder(card: ModelCard, embeddings: Sequence[np.ndarray],
+                            images: Sequence[np.ndarray], stage: Path, steps: Steps) -> dict:
+    """SAMed/MA-SAM's class-logit decoder (SAMed_s: validated with its decoder LoRA still
+    unmerged); ``images`` are unused: the decoder takes no prompt."""
+    return export_prompt_free(card, SemanticDecoder(card.model), semantic_decoder_spec(card),
+                              "semantic", "no prompt, K+1 class logits", embeddings, stage, steps)
