@@ -297,13 +297,16 @@ def test_empty_results_and_bad_prompts(litemedsam_bundle, segmenter, grids, tmp_
     assert code == 2 and ".nii" in err
     assert not list(tmp_path.iterdir())  # nothing written, not even a temp file
 
-    real = Predictor._decode  # a model that finds nothing: every logit negative
+    backend = type(segmenter.predictor.decoder)  # a model that finds nothing: every logit
+    real = backend.run                              # negative (the CLI's backend too)
 
-    def nothing(self, feed, count):
-        outputs = real(self, feed, count)
+    def nothing(self, feed):
+        outputs = real(self, feed)
+        if "low_res_masks" not in outputs:  # the encoder runs on the same backend class
+            return outputs
         return {**outputs, "low_res_masks": np.full_like(outputs["low_res_masks"], -10.0)}
 
-    monkeypatch.setattr(Predictor, "_decode", nothing)
+    monkeypatch.setattr(backend, "run", nothing)
     with pytest.warns(UserWarning, match="segmented nothing"):
         empty = segmenter.predict_box((10, 10, 2, 40, 40, 6))
     assert not empty.mask.any() and empty.decoded.tolist() == [4]  # stops where it vanished
