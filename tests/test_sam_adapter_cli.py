@@ -76,11 +76,14 @@ def test_pipeline_gates_label_maps_and_every_precision(pipeline):
     for artifact in _artifacts(bundle, "int8"):
         entry = artifact["validation"]["openvino"]
         assert entry["gate"]["passed"] and {"pixel_agreement_mean", "class_dice_min"} <= set(entry)
-    # the FP16 IR (DFT matrices in FP16 too) passed its gate, else the pipeline removes it
-    assert {a["graph"] for a in _artifacts(bundle, "fp16")} == {"encoder", "decoder"}
-    assert not any(b.get("step") == "pipeline gate" for b in manifest["builds"])
+    # the FP16 IR (DFT matrices in FP16 too) stays only inside half its allowance (the
+    # pipeline's margin); otherwise it leaves the bundle and the removal is recorded
+    fp16 = {a["graph"] for a in _artifacts(bundle, "fp16")}
+    gated = [b for b in manifest["builds"] if b.get("step") == "pipeline gate"]
+    assert (fp16 == {"encoder", "decoder"} and not gated) or (not fp16 and gated)
     report = " ".join(report.split())  # rich wraps long lines
-    assert "label maps (argmax) on 9 real slices" in report and "default variant:" in report
+    count = len(pipeline_validation_slices())
+    assert f"label maps (argmax) on {count} real slices" in report and "default variant:" in report
 
 
 def test_predict_thresholds_a_colour_image_like_upstream(pipeline, card, tmp_path):

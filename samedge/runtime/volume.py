@@ -339,7 +339,7 @@ class VolumePredictor:
                     embeddings, frame = self._embedding(n)
                     predictor.set_embedding(embeddings, frame)
                     segmentation = predictor.segment()
-                    labels = self._labels(labels, segmentation.logits.shape[1], frame)
+                    labels = self._labels(labels, segmentation.scores.shape[1], frame)
                     labels[n] = segmentation.labels[0]
                     if progress:
                         progress()
