@@ -380,3 +380,31 @@ def test_build_refuses_bf16_for_onnx_backends(bundle_copy):
 
     with pytest.raises(SamedgeError, match="OpenVINO only"):
         build_variants(bundle_copy, "bf16", "onnxruntime", ["encoder"])
+
+
+def test_margin_drops_the_graph_that_drifts_more_from_a_failing_pair(monkeypatch, tmp_path):
+    """Encoder and decoder INT8 each pass with margin, the pair does not: only the graph that
+    drifts more leaves (the other stays with an FP32 partner); a single row failing the margin
+    takes its pair with it without costing the other graph."""
+    from samedge.pipeline import precision as module
+    from samedge.pipeline.precision import VariantRow, keep_within_margins
+
+    dropped = []
+    monkeypatch.setattr(module, "drop_variants", lambda path, keys, why: dropped.append(keys))
+
+    def row(encoder, decoder, mean, worst=0.99):
+        return VariantRow("openvino", encoder, decoder,
+                          {"prompts": 20, "dice_mean": mean, "dice_min": worst}, None)
+
+    rows = [row("int8", "fp32", 0.997), row("fp32", "int8", 0.996), row("int8", "int8", 0.994)]
+    messages = []
+    keep_within_margins(tmp_path, rows, GateSet(), messages)
+    assert dropped == [[("decoder", "openvino_ir", "int8")]]
+    assert [r.in_bundle for r in rows] == [True, False, False]
+    assert "with the other graph's int8 the pair fails" in messages[0]
+
+    dropped.clear()
+    rows = [row("int8", "fp32", 0.993), row("fp32", "int8", 0.998), row("int8", "int8", 0.992)]
+    keep_within_margins(tmp_path, rows, GateSet(), [])
+    assert dropped == [[("encoder", "openvino_ir", "int8")]]
+    assert [r.in_bundle for r in rows] == [False, True, False]

@@ -172,7 +172,7 @@ def keep_within_margins(bundle_path: Path, rows: Sequence[VariantRow], gates: Ga
     drops: dict[tuple[str, str, str], str] = {}
     for row in rows:
         if not row.in_bundle or not row.reduced or row.summary is None:
-            continue
+            continue  # (a pair whose graph just left is out too, and needs no verdict)
         if row.gate is None:
             row.gate = gates.evaluate(row.precision, row.summary)
         row.margin = with_margin(gates.for_precision(row.precision)).evaluate(row.summary)
@@ -193,12 +193,11 @@ def keep_within_margins(bundle_path: Path, rows: Sequence[VariantRow], gates: Ga
         for graph, precision in parts:
             drops[(graph, "openvino_ir", precision)] = why
         messages.append(f"{row.label} kept out of the bundle: {why}")
-    if not drops:
-        return
-    drop_variants(bundle_path, list(drops), {" ".join(k): [v] for k, v in drops.items()})
-    for row in rows:
-        if any((g, "openvino_ir", p) in drops for g, p in row.reduced):
-            row.in_bundle = False
+        for other in rows:  # at once: a later pair must not drop a second graph for this one
+            if any((g, "openvino_ir", p) in drops for g, p in other.reduced):
+                other.in_bundle = False
+    if drops:
+        drop_variants(bundle_path, list(drops), {" ".join(k): [v] for k, v in drops.items()})
 
 
 def _build_rows(result: BuildResult, precision: str, messages: list[str]) -> list[VariantRow]:
