@@ -47,10 +47,23 @@ SAM_VARIANTS = {
 }
 
 
+def vit_encoder(config: SamConfig, out_chans: int) -> torch.nn.Module:
+    """segment-anything's ``ImageEncoderViT`` for ``config``, as its builders make it (random
+    weights); SAM itself and the adaptation families that rebuild its encoder share it."""
+    from segment_anything.modeling import ImageEncoderViT
+
+    return ImageEncoderViT(
+        depth=config.depth, embed_dim=config.embed_dim, img_size=config.image_size, mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=config.num_heads,
+        patch_size=config.patch_size, qkv_bias=True, use_rel_pos=True,
+        global_attn_indexes=list(config.global_attn_indexes), window_size=config.window_size,
+        out_chans=out_chans,
+    )
+
+
 def sam_modules(config: SamConfig) -> torch.nn.Module:
     """An un-initialised-weights ``Sam`` built exactly as segment-anything's builders do."""
     from segment_anything.modeling import (
-        ImageEncoderViT,
         MaskDecoder,
         PromptEncoder,
         Sam,
@@ -59,20 +72,7 @@ def sam_modules(config: SamConfig) -> torch.nn.Module:
 
     grid = config.grid
     return Sam(
-        image_encoder=ImageEncoderViT(
-            depth=config.depth,
-            embed_dim=config.embed_dim,
-            img_size=config.image_size,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=config.num_heads,
-            patch_size=config.patch_size,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=list(config.global_attn_indexes),
-            window_size=config.window_size,
-            out_chans=config.prompt_dim,
-        ),
+        image_encoder=vit_encoder(config, config.prompt_dim),
         prompt_encoder=PromptEncoder(
             embed_dim=config.prompt_dim,
             image_embedding_size=(grid, grid),

@@ -22,7 +22,6 @@ adds ``shared_mlp(lightweight_mlp_i(handcrafted + embedding))`` to its input. De
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,7 +42,7 @@ from samedge.models.infer import (
     mask_decoder_from,
     variant_name,
 )
-from samedge.models.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SamConfig
+from samedge.models.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SamConfig, vit_encoder
 from samedge.models.vit_blocks import Block, Encoder, SamParts
 from samedge.runtime.transforms import Preprocessing
 
@@ -156,15 +155,7 @@ class SamAdapter(nn.Module):
 
 def sam_adapter_reference(config: SamConfig, shape: DecoderShape, hidden: int) -> SamAdapter:
     """Upstream's model for these sizes (``models/sam.py`` ``SAM.__init__``), random weights."""
-    from segment_anything.modeling import ImageEncoderViT
-
-    vit = ImageEncoderViT(
-        depth=config.depth, embed_dim=config.embed_dim, img_size=config.image_size, mlp_ratio=4,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=config.num_heads,
-        patch_size=config.patch_size, qkv_bias=True, use_rel_pos=True,
-        global_attn_indexes=list(config.global_attn_indexes), window_size=config.window_size,
-        out_chans=shape.prompt_dim,
-    )
+    vit = vit_encoder(config, shape.prompt_dim)
     generator = PromptGenerator(config.embed_dim, hidden, config.depth, config.image_size,
                                 config.patch_size)
     return SamAdapter(AdapterViT(vit, generator), mask_decoder_from(shape), shape.prompt_dim)

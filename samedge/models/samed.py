@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -53,7 +52,7 @@ from samedge.models.infer import (
     prompt_encoder_for,
     variant_name,
 )
-from samedge.models.sam import SamConfig
+from samedge.models.sam import SamConfig, vit_encoder
 from samedge.models.vit_blocks import Block, Encoder, SamParts
 from samedge.runtime.transforms import Preprocessing
 
@@ -251,15 +250,7 @@ def _check_rel_pos_rule(reference: nn.Module, full: dict, rule: GlobalRule, conf
 
 def samed_reference(config: SamConfig, decoder_shape, rank: int, decoder_lora: bool) -> SamParts:
     """The Sam that ``LoRA_Sam`` wraps, with its surgery: same module tree and key names."""
-    from segment_anything.modeling import ImageEncoderViT
-
-    encoder = ImageEncoderViT(
-        depth=config.depth, embed_dim=config.embed_dim, img_size=config.image_size, mlp_ratio=4,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=config.num_heads,
-        patch_size=config.patch_size, qkv_bias=True, use_rel_pos=True,
-        global_attn_indexes=list(config.global_attn_indexes), window_size=config.window_size,
-        out_chans=decoder_shape.prompt_dim,
-    )
+    encoder = vit_encoder(config, decoder_shape.prompt_dim)
     for block in encoder.blocks:
         block.attn.qkv = LoRAqkv(block.attn.qkv, rank)
     decoder = mask_decoder_from(decoder_shape)
