@@ -8,6 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import upstream_pipelines as up  # tests/ is on sys.path
 
 from samedge.data.prompts import auto_boxes
 from samedge.errors import BundleError, ExportError
@@ -147,6 +148,12 @@ def test_medsam_checkpoint_exports_with_its_own_preprocessing(sam_card, real_sli
     predictor.set_image(image)
     boxes = auto_boxes(image)
     got = predictor.predict(boxes=boxes, return_logits=True)
-    want = reference.predict(boxes=boxes)
+    want = reference.predict(boxes=boxes, multimask_output=False)
     assert got.masks.shape == (5, 1, 300, 484)
     np.testing.assert_allclose(got.masks, want["logits"], atol=1e-3, rtol=1e-3)
+    # MedSAM_Inference.py's masks from the reference's logits: sigmoid, bilinear, > 0.5
+    error = float(np.abs(got.low_res_logits - want["low_res_logits"]).max())
+    upstream = up.medsam_mask(torch.from_numpy(want["low_res_logits"]), 300, 484)
+    up.assert_agree_where_decided(got.masks > 0.5, upstream,
+                                  up.decision_margin(want["logits"], 0.5), up.graph_bound(error))
+    assert 0 < upstream.mean() < 1

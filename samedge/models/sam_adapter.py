@@ -234,6 +234,16 @@ def merge_sam_adapter(reference: SamAdapter) -> SamAdapterParts:
     return SamAdapterParts(PromptedEncoder(vit, blocks), prompt, reference.mask_decoder)
 
 
+def sam_adapter_preprocessing(image_size: int, mask_size: int) -> Preprocessing:
+    """Upstream's ``ValDataset``: ``Resize((S, S))`` on the PIL image (Pillow bilinear, 8-bit),
+    ``ToTensor``, ImageNet ``Normalize`` (= SAM's mean/std on the 0–255 scale)."""
+    return Preprocessing(
+        image_size=image_size, resize="stretch", interpolation="pil_bilinear",
+        normalize="mean_std", pixel_mean=SAM_PIXEL_MEAN, pixel_std=SAM_PIXEL_STD,
+        mask_size=mask_size,
+    )
+
+
 def build_sam_adapter(checkpoint: str | Path) -> ModelCard:
     """SAM-Adapter from its training checkpoint; every size (ViT-B/L/H or custom, input size,
     prompt width) is read from the tensors. ``card.model`` is the exportable model,
@@ -247,13 +257,9 @@ def build_sam_adapter(checkpoint: str | Path) -> ModelCard:
     load_into(reference, state, f"SAM-Adapter ({variant_name(config)}, image {config.image_size}, "
                                 f"prompt width {hidden})")
     reference.eval()
-    pre = Preprocessing(
-        image_size=config.image_size, resize="stretch", interpolation="triangle_aa",
-        normalize="mean_std", pixel_mean=SAM_PIXEL_MEAN, pixel_std=SAM_PIXEL_STD,
-        mask_size=4 * config.grid,
-    )
     return ModelCard(
-        "sam_adapter", variant_name(config), merge_sam_adapter(reference), pre, prompt="none",
+        "sam_adapter", variant_name(config), merge_sam_adapter(reference),
+        sam_adapter_preprocessing(config.image_size, 4 * config.grid), prompt="none",
         decoder="semantic", reference=reference,
         checkpoint={"path": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint),
                     "prompt_width": hidden, "freq_nums": FREQ_NUMS},

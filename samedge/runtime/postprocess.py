@@ -31,8 +31,8 @@ def softmax(x: np.ndarray, axis: int = 1) -> np.ndarray:
 
 def _bilinear(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     """``F.interpolate(x, out_hw, mode="bilinear", align_corners=False)`` on (..., h, w)."""
-    wy = resize_matrix(x.shape[-2], out_hw[0], "bilinear").astype(np.float32)
-    wx = resize_matrix(x.shape[-1], out_hw[1], "bilinear").astype(np.float32)
+    wy = resize_matrix(x.shape[-2], out_hw[0]).astype(np.float32)
+    wx = resize_matrix(x.shape[-1], out_hw[1]).astype(np.float32)
     with one_blas_thread():
         return np.matmul(np.matmul(wy, x), wx.T)
 
@@ -108,15 +108,29 @@ def semantic_maps(low_res: np.ndarray, frame: ImageFrame,
     if pre.mask_resize == "logits":
         scores = mask_scores(low, frame, pre)
         return scores, scores.argmax(axis=1)
+    if pre.mask_resize == "probabilities":
+        return probability_maps(class_probabilities(low, frame, pre), frame, pre)
     at_input = _to_input_frame(low, frame, pre) if pre.mask_path == "sam" else low
     out_hw = frame.original_hw
-    if pre.mask_resize == "labels":
-        labels = softmax(at_input).argmax(axis=1)
-        if labels.shape[-2:] != tuple(out_hw):
-            labels = np.stack([_zoom(item, out_hw, 0, spatial=(0, 1)) for item in labels])
-        return _final_resize(at_input, out_hw, pre.mask_interpolation), labels
-    probabilities = softmax(at_input)
-    if pre.mask_interpolation in ("spline0", "spline3") and at_input.shape[-2:] != tuple(out_hw):
+    labels = softmax(at_input).argmax(axis=1)
+    if labels.shape[-2:] != tuple(out_hw):
+        labels = np.stack([_zoom(item, out_hw, 0, spatial=(0, 1)) for item in labels])
+    return _final_resize(at_input, out_hw, pre.mask_interpolation), labels
+
+
+def class_probabilities(low_res: np.ndarray, frame: ImageFrame, pre: Preprocessing) -> np.ndarray:
+    """(N, K+1, m, m) class logits → their softmax at the input size, before the last resize:
+    what MA-SAM averages over the windows that cover a slice."""
+    low = low_res.astype(np.float32, copy=False)
+    return softmax(_to_input_frame(low, frame, pre) if pre.mask_path == "sam" else low)
+
+
+def probability_maps(probabilities: np.ndarray, frame: ImageFrame,
+                     pre: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities at the input size → (probabilities, labels) at the original size,
+    with the family's last resize (MA-SAM: one order-3 zoom of the (N, h, w, K+1) array)."""
+    out_hw = frame.original_hw
+    if pre.mask_interpolation in ("spline0", "spline3") and probabilities.shape[-2:] != tuple(out_hw):
         channels_last = np.moveaxis(probabilities, 1, -1)  # (N, h, w, K+1), as upstream zooms it
         order = 3 if pre.mask_interpolation == "spline3" else 0
         probabilities = np.moveaxis(_zoom(channels_last, out_hw, order, spatial=(1, 2)), -1, 1)

@@ -2,11 +2,10 @@
 
 Calibration, drift validation and the runtime all call these functions, so an INT8 engine is
 calibrated on exactly the tensors it will see at the bedside. Each family's steps are its upstream
-inference script's, in its order (docs/preprocessing.md): separable numpy weight matrices
-(``out = Wy @ img @ Wx.T``) where they reproduce the upstream resizer (OpenCV ``INTER_AREA``,
-``F.interpolate`` bilinear for images and masks), and the upstream libraries themselves — Pillow,
-scipy.ndimage — where a resizer rounds or prefilters (:mod:`samedge.runtime.resamplers`). No
-OpenCV, scikit-image or torch in the bedside process.
+inference script's, in its order (docs/preprocessing.md): the upstream resizers bit for bit
+(:mod:`samedge.runtime.resamplers`: Pillow, scipy.ndimage, OpenCV's ``INTER_AREA`` in numpy), and
+separable numpy weight matrices (``out = Wy @ img @ Wx.T``) for ``F.interpolate`` bilinear on
+images and masks. No OpenCV, scikit-image or torch in the bedside process.
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ from samedge.errors import ImageError, PromptError, StackDepthError
 from samedge.runtime import resamplers
 from samedge.runtime.intensity import WindowArg, apply_window, to_intensity
 
-Interpolation = Literal["area", "bilinear", "triangle_aa", "pil_bilinear", "spline3",
-                        "skimage_cubic"]
+Interpolation = Literal["area", "bilinear", "pil_bilinear", "spline3", "skimage_cubic"]
 MaskInterpolation = Literal["bilinear", "nearest", "spline0", "spline3"]
 
 
@@ -39,9 +37,9 @@ class Preprocessing:
     ``resize``: ``longest_side`` keeps the aspect and zero-pads bottom/right (SAM, LiteMedSAM);
     ``stretch`` resizes to the square input. ``resize_via``: a first square size to resize to
     before ``image_size`` (SAMed's ``input_size`` 224), skipped where the image already has it.
-    ``interpolation``: ``area`` = OpenCV INTER_AREA, ``triangle_aa`` = antialiased bilinear in
-    float (numpy), ``pil_bilinear`` = Pillow BILINEAR on uint8 (SAM's ResizeLongestSide,
-    torchvision's Resize on a PIL image), ``bilinear`` = ``F.interpolate`` bilinear,
+    ``interpolation``: ``area`` = OpenCV INTER_AREA on uint8 (LiteMedSAM), ``pil_bilinear`` =
+    Pillow BILINEAR on uint8 (SAM's ResizeLongestSide, torchvision's Resize on a PIL image:
+    Med-SA 2-D, SAM-Adapter), ``bilinear`` = ``F.interpolate`` bilinear,
     ``spline3`` = ``scipy.ndimage.zoom`` order 3 (SAMed, MA-SAM), ``skimage_cubic`` =
     ``skimage.transform.resize`` order 3 with anti-aliasing (MedSAM; it resamples even at the
     input size, as upstream does).
@@ -98,6 +96,8 @@ class Preprocessing:
                 data[key] = tuple(float(v) for v in data[key])
         if "source" not in data:
             data["source"] = "uint8" if data.get("round_resized", True) else "float"
+        if data.get("interpolation") == "triangle_aa":  # SAM-Adapter's float approximation of
+            data["interpolation"] = "pil_bilinear"  # the Pillow resize it now calls (≤ 1 level)
         return cls(**data)
 
 
@@ -119,42 +119,20 @@ def resized_shape(height: int, width: int, pre: Preprocessing) -> tuple[int, int
 
 
 @lru_cache(maxsize=64)
-def resize_matrix(n_in: int, n_out: int, method: Interpolation) -> np.ndarray:
-    """(n_out, n_in) float64 weights so that ``W @ signal`` resamples one axis."""
+def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float64 weights so that ``W @ signal`` resamples one axis the way
+    ``F.interpolate(mode="bilinear", align_corners=False)`` does: half-pixel centres, clamped."""
     weights = np.zeros((n_out, n_in), dtype=np.float64)
     scale = n_in / n_out
-    if method == "bilinear" or (method == "area" and n_out > n_in):
-        for i in range(n_out):
-            if method == "bilinear":  # half-pixel centres, clamped (F.interpolate, cv2 LINEAR)
-                pos = max((i + 0.5) * scale - 0.5, 0.0)
-                left = min(int(math.floor(pos)), n_in - 1)
-                frac = pos - left
-            else:  # OpenCV's INTER_AREA when enlarging
-                left = int(math.floor(i * scale))
-                frac = (i + 1) - (left + 1) / scale
-                frac = 0.0 if frac <= 0 else frac - math.floor(frac)
-            if left >= n_in - 1:
-                left, frac = n_in - 1, 0.0
-            weights[i, left] += 1.0 - frac
-            if frac:
-                weights[i, left + 1] += frac
-    elif method == "area":  # exact box averaging when shrinking
-        for i in range(n_out):
-            start, stop = i * scale, (i + 1) * scale
-            for j in range(int(math.floor(start)), min(int(math.ceil(stop)), n_in)):
-                weights[i, j] = min(stop, j + 1) - max(start, j)
-        weights /= weights.sum(axis=1, keepdims=True)
-    elif method == "triangle_aa":  # Pillow's BILINEAR with support widened when shrinking
-        support = max(scale, 1.0)
-        for i in range(n_out):
-            center = (i + 0.5) * scale
-            lo = max(int(center - support + 0.5), 0)
-            hi = min(int(center + support + 0.5), n_in)
-            taps = np.arange(lo, hi)
-            w = np.clip(1.0 - np.abs((taps - center + 0.5) / support), 0.0, None)
-            weights[i, lo:hi] = w / w.sum()
-    else:
-        raise ValueError(f"unknown interpolation {method!r}")
+    for i in range(n_out):
+        pos = max((i + 0.5) * scale - 0.5, 0.0)
+        left = min(int(math.floor(pos)), n_in - 1)
+        frac = pos - left
+        if left >= n_in - 1:
+            left, frac = n_in - 1, 0.0
+        weights[i, left] += 1.0 - frac
+        if frac:
+            weights[i, left + 1] += frac
     return weights
 
 
@@ -174,15 +152,19 @@ def one_blas_thread():
 
 def resize(image: np.ndarray, out_hw: tuple[int, int], method: Interpolation) -> np.ndarray:
     """Resample an (H, W) or (H, W, C) array to ``out_hw`` with ``method`` (see Preprocessing):
-    the upstream libraries' own resizers where they round or prefilter, else separable weights."""
+    the upstream resizers bit for bit, or ``F.interpolate`` bilinear as separable weights."""
+    if method == "area":
+        return resamplers.opencv_area(image, out_hw)
     if method == "pil_bilinear":
         return resamplers.pil_bilinear(image, out_hw)
     if method == "spline3":
         return resamplers.spline_zoom(image, out_hw, order=3)
     if method == "skimage_cubic":
         return resamplers.skimage_resize(image, out_hw, order=3)
-    wy = resize_matrix(image.shape[0], out_hw[0], method).astype(np.float32)
-    wx = resize_matrix(image.shape[1], out_hw[1], method).astype(np.float32)
+    if method != "bilinear":
+        raise ValueError(f"unknown interpolation {method!r}")
+    wy = resize_matrix(image.shape[0], out_hw[0]).astype(np.float32)
+    wx = resize_matrix(image.shape[1], out_hw[1]).astype(np.float32)
     with one_blas_thread():
         rows = np.tensordot(wy, np.asarray(image, np.float32), axes=(1, 0))  # (h, W, ...)
         return np.moveaxis(np.tensordot(wx, rows, axes=(1, 1)), 0, 1)
@@ -198,15 +180,9 @@ def _resize_steps(pixels: np.ndarray, pre: Preprocessing) -> np.ndarray:
     for target in targets:
         if pixels.shape[:2] == target and pre.interpolation != "skimage_cubic":
             continue
-        halved = pixels.shape[:2] == (2 * target[0], 2 * target[1])
         pixels = resize(pixels, target, pre.interpolation)
         if pre.round_resized and pixels.dtype != np.uint8:
-            if pre.resized_cast == "truncate":
-                cast = pixels
-            elif pre.interpolation == "area" and halved:  # OpenCV's 2×2 fast path: (sum + 2) >> 2
-                cast = np.floor(pixels + 0.5)
-            else:
-                cast = np.rint(pixels)
+            cast = pixels if pre.resized_cast == "truncate" else np.rint(pixels)
             pixels = np.clip(cast, 0, 255).astype(np.uint8)
     return pixels
 
@@ -400,9 +376,9 @@ def _mask_maps(low_res: int, frame: ImageFrame, pre_resize: str) -> tuple[np.nda
     size = frame.input_size
     maps = []
     for axis in (0, 1):
-        to_input = resize_matrix(low_res, size, "bilinear")
+        to_input = resize_matrix(low_res, size)
         kept = frame.resized_hw[axis] if pre_resize == "longest_side" else size
-        to_orig = resize_matrix(kept, frame.original_hw[axis], "bilinear")
+        to_orig = resize_matrix(kept, frame.original_hw[axis])
         maps.append((to_orig @ to_input[:kept]).astype(np.float32))
     return maps[0], maps[1]
 

@@ -19,13 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from samedge.errors import ImageError, PromptError, StackDepthError
+from samedge.runtime.postprocess import class_probabilities, probability_maps
 from samedge.runtime.predictor import Predictor
-from samedge.runtime.transforms import (
-    ImageFrame,
-    preprocess,
-    preprocess_stack,
-    upscale_logits,
-)
+from samedge.runtime.transforms import ImageFrame, preprocess, preprocess_stack
 
 DEFAULT_CACHE_BYTES = 1 << 30  # 256 LiteMedSAM / SAM ViT slice embeddings (4 MiB each)
 BOX_MARGIN = 3 / 256  # LiteMedSAM's 3-D challenge inference widens the neighbour's box 3 px at 256²
@@ -97,11 +93,6 @@ class EmbeddingCache:
             self.nbytes = 0
 
 
-def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=axis, keepdims=True))
-    return shifted / shifted.sum(axis=axis, keepdims=True)
-
-
 class VolumePredictor:
     """Segment volumes with one :class:`Predictor`.
 
@@ -113,8 +104,8 @@ class VolumePredictor:
     2-D prompt models encode each slice once; depth prompt models (Med-SA 3D) encode consecutive
     stacks of D slices (Med-SA's evaluation chunks, the last one aligned to the volume's end);
     semantic families answer :meth:`segment` (MA-SAM: one window of D slices centred on every
-    slice, edges replicated, softmax averaged over the windows that cover a slice, then argmax,
-    as its upstream ``test.py``). Coordinates are slice pixels (x = column, y = row) and slice
+    slice, edges replicated, class probabilities averaged over the windows that cover a slice,
+    zoomed to the slice and argmaxed, as its upstream ``test.py``). Coordinates are slice pixels (x = column, y = row) and slice
     indices n. ``encoder_calls`` counts encoder runs; ``overlap`` encodes the next slice in a
     background thread while the current one decodes (ONNX Runtime and OpenVINO).
     """
@@ -355,11 +346,14 @@ class VolumePredictor:
         return labels
 
     def _average_windows(self, pool, progress: Progress) -> np.ndarray:
-        """MA-SAM's volume inference: the softmax of every window covering a slice averaged,
-        then argmax. Windows are summed at the decoder's resolution and each finished slice is
-        upscaled once (bilinear upscaling is linear, so this equals upscaling every window);
-        only the D slices still open are held."""
+        """MA-SAM's volume inference (``test.py``): the class probabilities of every window
+        covering a slice summed in window order and divided by the count plus one (its counts
+        start at one), then the family's last resize (order-3 zoom) and argmax. Windows are
+        summed at the decoder's resolution and each finished slice resized once: the zoom is
+        linear, so this equals zooming every window as upstream does, D times cheaper; only the
+        D slices still open are held."""
         count, half = len(self.slices), self.predictor.depth // 2
+        pre = self.predictor.pre
         sums: dict[int, list] = {}
         labels = None
         for centre in range(count):
@@ -367,17 +361,17 @@ class VolumePredictor:
             embeddings, frame = self._embedding(centre)
             logits = self.predictor.decoder.run({"image_embeddings": embeddings})["class_logits"]
             labels = self._labels(labels, logits.shape[1], frame)
-            for offset, probabilities in enumerate(softmax(logits, axis=1)):
+            for offset, probabilities in enumerate(class_probabilities(logits, frame, pre)):
                 target = centre - half + offset
                 if 0 <= target < count:
-                    entry = sums.setdefault(target, [0.0, 0])
+                    entry = sums.setdefault(target, [0.0, 1])
                     entry[0] = entry[0] + probabilities
                     entry[1] += 1
             done = [t for t in sums if t <= centre - half or centre == count - 1]
             for target in sorted(done):
                 total, windows = sums.pop(target)
-                mean = (total / windows)[None]
-                labels[target] = upscale_logits(mean, frame, self.predictor.pre)[0].argmax(0)
+                mean = (total / np.float32(windows))[None]
+                labels[target] = probability_maps(mean, frame, pre)[1][0]
                 if progress:
                     progress()
         return labels
