@@ -71,7 +71,9 @@ def opencv_area(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     bit (LiteMedSAM's ``resize_longest_side``): OpenCV takes one of three paths by scale factor,
     each rounding its own way, and a 1/255 step moves LiteMedSAM's min-max input by more than
     float noise."""
-    pixels = np.asarray(image, dtype=np.uint8)
+    pixels = np.asarray(image)
+    if pixels.dtype != np.uint8:  # the rounding reproduced here is OpenCV's for 8-bit images
+        raise ValueError(f"INTER_AREA is reproduced for uint8 images; got {pixels.dtype}")
     (height, width), (out_h, out_w) = pixels.shape[:2], out_hw
     if (height, width) == (out_h, out_w):
         return pixels.copy()
