@@ -1,5 +1,5 @@
-"""The main job and its precision step."""
+"""The main job (``run``) and its precision step (``precision``, ``selection``, ``timing``).
 
-from samedge.pipeline.run import EXPORT_VALIDATION, PipelineResult, run_pipeline
-
-__all__ = ["EXPORT_VALIDATION", "PipelineResult", "run_pipeline"]
+Nothing is re-exported here: ``timing`` serves the benchmarks without pulling in the exporter
+(and torch) that ``run`` needs.
+"""
