@@ -324,8 +324,9 @@ def quantize_for_pipeline(bundle_path: str | Path, card, slices: Sequence[Item],
     reference = timed[0]
     for comparison in selection.comparisons if selection else []:
         messages.append(
-            f"{comparison.candidate} vs {comparison.against} (encoder + {decode}): fastest "
-            f"rounds {comparison.best_ratio:.2f}×, paired median {comparison.paired_ratio:.2f}×, "
+            f"{comparison.candidate} vs {comparison.against} (encoder + {decode}), time ratio "
+            f"(< 1 = faster): fastest rounds {comparison.best_ratio:.2f}, paired median "
+            f"{comparison.paired_ratio:.2f}, "
             f"≥{rule.margin / 2:.0%} faster in {comparison.wins:.0%} of {selection.rounds} "
             f"rounds → {comparison.verdict}")
     faster = selection.faster_than_reference(reference.label, rule) if selection else []
