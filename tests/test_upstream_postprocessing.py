@@ -49,7 +49,8 @@ def test_sam_style_masks(shape, family):
     want = up.sam_masks(torch.from_numpy(low), pre.image_size, frame.resized_hw, *shape,
                         sigmoid=family == "litemedsam")
     scores = mask_scores(low, frame, pre)
-    up.assert_agree_where_decided(got, want, up.decision_margin(scores, 0.0), FLOAT_NOISE, UNDECIDED)
+    up.assert_agree_where_decided(got, want, up.decision_margin(scores, 0.0), FLOAT_NOISE,
+                                  UNDECIDED)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -72,7 +73,8 @@ def test_medsa_masks(shape, era, depth):
     scores = mask_scores(low, frame, pre)
     want = up.medsa_masks(torch.from_numpy(low), *shape, era)
     up.assert_agree_where_decided(prompt_masks(scores, pre), want,
-                                  up.decision_margin(scores, pre.mask_threshold), FLOAT_NOISE, UNDECIDED)
+                                  up.decision_margin(scores, pre.mask_threshold), FLOAT_NOISE,
+                                  UNDECIDED)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -86,7 +88,8 @@ def test_samed_labels(shape):
     masks = torch.nn.functional.interpolate(torch.from_numpy(low), (128, 128), mode="bilinear",
                                             align_corners=False)
     want = up.samed_labels(masks, *shape)
-    up.assert_agree_where_decided(labels, want, up.samed_margin(masks, *shape), FLOAT_NOISE, UNDECIDED)
+    up.assert_agree_where_decided(labels, want, up.samed_margin(masks, *shape), FLOAT_NOISE,
+                                  UNDECIDED)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -96,4 +99,5 @@ def test_masam_labels(shape):
     low = _logits(2, 3, 128, seed=11)
     probabilities, labels = semantic_maps(low, frame, pre)
     want = up.masam_labels(torch.from_numpy(low), *shape)
-    up.assert_agree_where_decided(labels, want, up.decision_margin(probabilities), FLOAT_NOISE, UNDECIDED)
+    up.assert_agree_where_decided(labels, want, up.decision_margin(probabilities), FLOAT_NOISE,
+                                  UNDECIDED)

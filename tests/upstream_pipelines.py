@@ -4,8 +4,8 @@ The lines below call the libraries the upstream scripts call — scikit-image, s
 torchvision, Pillow, OpenCV, segment-anything — with the same arguments, so a test can hold
 samedge's numpy preprocessing and postprocessing against them. Sources (read for this):
 CVPR24_LiteMedSAM_infer.py and MedSAM_Inference.py (bowang-lab/MedSAM); segment_anything's
-SamPredictor; SAMed utils.test_single_volume and preprocess/preprocess_data.py; MA-SAM MA_SAM/test.py
-and datasets/dataset.py; Med-SA dataset/__init__.py and function.py (validation_sam);
+SamPredictor; SAMed utils.test_single_volume and preprocess/preprocess_data.py; MA-SAM
+MA_SAM/test.py and datasets/dataset.py; Med-SA dataset/__init__.py and function.py (validation_sam);
 SAM-Adapter datasets/wrappers.py (ValDataset) and models/sam.py (infer).
 """
 
@@ -89,7 +89,8 @@ def samed_margin(masks: torch.Tensor, x: int, y: int) -> np.ndarray:
     """SAMed's decision margin at the input size, carried to (x, y) by its order-0 label zoom."""
     margin = decision_margin(masks.numpy())
     return np.stack([item if (x, y) == item.shape else
-                     zoom(item, (x / item.shape[0], y / item.shape[1]), order=0) for item in margin])
+                     zoom(item, (x / item.shape[0], y / item.shape[1]), order=0)
+                     for item in margin])
 
 
 def masam_margin(masks: torch.Tensor, x: int, y: int) -> np.ndarray:

@@ -130,7 +130,8 @@ def probability_maps(probabilities: np.ndarray, frame: ImageFrame,
     """Class probabilities at the input size → (probabilities, labels) at the original size,
     with the family's last resize (MA-SAM: one order-3 zoom of the (N, h, w, K+1) array)."""
     out_hw = frame.original_hw
-    if pre.mask_interpolation in ("spline0", "spline3") and probabilities.shape[-2:] != tuple(out_hw):
+    zoomed = probabilities.shape[-2:] != tuple(out_hw)
+    if pre.mask_interpolation in ("spline0", "spline3") and zoomed:
         channels_last = np.moveaxis(probabilities, 1, -1)  # (N, h, w, K+1), as upstream zooms it
         order = 3 if pre.mask_interpolation == "spline3" else 0
         probabilities = np.moveaxis(_zoom(channels_last, out_hw, order, spatial=(1, 2)), -1, 1)

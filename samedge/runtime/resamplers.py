@@ -141,7 +141,8 @@ def _area_shrink(pixels: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
 @lru_cache(maxsize=64)
 def _enlarge_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """INTER_AREA's enlarging taps (bilinear with area-style fractions) for one axis: left and
-    right input index and their weights as OpenCV stores them, ``saturate_cast<short>(w · 2048)``."""
+    right input index and their weights as OpenCV stores them,
+    ``saturate_cast<short>(w · 2048)``."""
     inverse = n_out / n_in
     scale = 1.0 / inverse
     left = np.empty(n_out, np.int64)

@@ -105,9 +105,10 @@ class VolumePredictor:
     stacks of D slices (Med-SA's evaluation chunks, the last one aligned to the volume's end);
     semantic families answer :meth:`segment` (MA-SAM: one window of D slices centred on every
     slice, edges replicated, class probabilities averaged over the windows that cover a slice,
-    zoomed to the slice and argmaxed, as its upstream ``test.py``). Coordinates are slice pixels (x = column, y = row) and slice
-    indices n. ``encoder_calls`` counts encoder runs; ``overlap`` encodes the next slice in a
-    background thread while the current one decodes (ONNX Runtime and OpenVINO).
+    zoomed to the slice and argmaxed, as its upstream ``test.py``). Coordinates are slice pixels
+    (x = column, y = row) and slice indices n. ``encoder_calls`` counts encoder runs;
+    ``overlap`` encodes the next slice in a background thread while the current one decodes
+    (ONNX Runtime and OpenVINO).
     """
 
     def __init__(self, predictor: Predictor, cache_bytes: int = DEFAULT_CACHE_BYTES,
