@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from samedge.pipeline.timing import interleaved  # noqa: E402
+from samedge.speed.timing import interleaved  # noqa: E402
 from samedge.runtime.cpu import cpu_name, isa_summary  # noqa: E402
 
 from gemm import ARITHMETIC, arithmetic_of, gemm_probe  # noqa: E402

@@ -31,7 +31,7 @@ for path in (REPO, HERE):
 
 from workload import count_flops, loadavg  # noqa: E402
 
-from samedge.pipeline.timing import interleaved  # noqa: E402
+from samedge.speed.timing import interleaved  # noqa: E402
 from samedge.runtime.cpu import cpu_name, isa_summary  # noqa: E402
 
 SIZE = 1024

@@ -4,7 +4,7 @@
 Prints tables; never run as a test. The volume is a synthetic CT series (an ellipsoid in noise,
 512² slices, 0.7 x 0.7 x 2.5 mm, oblique) written as DICOM files, and the prompt its ground
 truth's 3-D box, so every variant decodes the same slices. Variants are interleaved round by
-round (``pipeline.timing.interleaved``, the order rotating), after one warm-up round:
+round (``speed.timing.interleaved``, the order rotating), after one warm-up round:
 
   per slice   for each slice in the box: ``Predictor.set_image`` (preprocessing + encoder) and
               one ``predict`` of the slice's box; images already in memory (the floor)
@@ -37,7 +37,7 @@ from workload import bundle_or_export, loadavg  # noqa: E402
 
 from samedge.data.open import open_volume  # noqa: E402
 from samedge.data.writers import write_nifti  # noqa: E402
-from samedge.pipeline.timing import interleaved  # noqa: E402
+from samedge.speed.timing import interleaved  # noqa: E402
 from samedge.runtime import Predictor, VolumePredictor  # noqa: E402
 from samedge.runtime.cpu import cpu_name, isa_summary  # noqa: E402
 

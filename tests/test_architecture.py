@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "samedge"
 
 # Lower layers first; a module may import its own layer or any layer before it.
 LAYERS = [
-    {"errors", "progress"},
+    {"errors", "progress", "speed"},
     {"runtime", "data", "overlay"},
     {"models"},
     {"export"},
@@ -93,7 +93,7 @@ def test_no_import_cycles():
 
 @pytest.mark.parametrize("module", ["samedge.runtime", "samedge.data", "samedge.cli",
                                     "samedge.models.registry",
-                                    "samedge.pipeline.timing"])  # the benchmarks' timing
+                                    "samedge.speed"])  # the benchmarks' timing
 def test_bottom_layers_and_cli_import_no_torch(module):
     code = (f"import sys, {module}; heavy = [m for m in ('torch', 'torchvision', 'onnx') "
             "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")

@@ -15,7 +15,7 @@ import pytest
 
 from samedge.errors import PrecisionUnsupportedError
 from samedge.export.bundle import write_manifest
-from samedge.pipeline.selection import (
+from samedge.speed.selection import (
     FASTER,
     NOT_FASTER,
     UNCLEAR,
@@ -23,7 +23,7 @@ from samedge.pipeline.selection import (
     compare,
     select,
 )
-from samedge.pipeline.timing import interleaved
+from samedge.speed.timing import interleaved
 from samedge.runtime.bundle import Bundle
 from samedge.runtime.variants import choose_variant, speed_needs
 from samedge.validation.gate import DEFAULT_GATES, GateSet, with_margin

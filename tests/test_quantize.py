@@ -20,7 +20,7 @@ from PIL import Image
 from samedge.data import sampling
 from samedge.data.prompts import PromptPolicy
 from samedge.data.slices import Slice
-from samedge.errors import DataSourceError, ImageError, PromptError
+from samedge.errors import DataSourceError, ImageError, PromptError, SamedgeError
 from samedge.quantize.calibset import CalibrationSet
 from samedge.quantize.fp16 import convert_fp16
 from samedge.quantize.layer_errors import onnx_layer_errors
@@ -206,6 +206,57 @@ def test_accuracy_search_finds_fewest_float_ops():
     assert not hopeless.passed
 
 
+def _search_with_clock(seconds_of):
+    """The search above with a deterministic clock: ``seconds_of(int8 units)`` per round
+    (alternate rounds 1 % slower, as load would make them); ``None``: no timing."""
+    rng = np.random.default_rng(3)
+    units = [f"op{i}" for i in range(40)]
+    errors = dict(zip(units, rng.uniform(0, 1, 40) ** 4))
+
+    def measure(int8):
+        total = sum(errors[u] for u in int8)
+        return {"dice_mean": 1 - total / 20, "dice_min": 1 - total / 5}
+
+    def time_rounds(models, rounds, first):
+        return [[seconds_of(len(m)) * (1 + 0.01 * (r % 2)) for r in range(rounds)]
+                for m in models]
+
+    return accuracy_search(units, lambda keep: list(keep), measure,
+                           lambda s: s["dice_mean"] >= 0.99 and s["dice_min"] >= 0.95, errors,
+                           time_rounds=time_rounds if seconds_of else None)
+
+
+def test_speed_aware_search_keeps_more_float_when_int8_is_not_clearly_faster():
+    """AVX2-like: INT8 units save 0.1 % each; the most precise passing split stays."""
+    fewest = accuracy_search_fewest()
+    _, result = _search_with_clock(lambda int8: 0.999 ** int8)
+    passing = sorted(s.float_units for s in result.steps if s.passed)
+    assert result.passed and result.speed["timed"]
+    assert len(result.float_units) == max(passing[:4]) > fewest
+    assert result.speed["fewest_float"] == fewest and result.describe()["speed"]
+
+
+def test_speed_aware_search_takes_a_split_that_is_clearly_faster():
+    """VNNI/AMX-like: each INT8 unit saves 7 %; the fewest-float split is clearly fastest."""
+    fewest = accuracy_search_fewest()
+    _, result = _search_with_clock(lambda int8: 0.93 ** int8)
+    assert len(result.float_units) == fewest == result.speed["chosen_float"]
+    assert all(c["verdict"] == "faster" for c in result.speed["comparisons"])
+
+
+def test_speed_aware_search_avoids_int8_units_that_slow_it_down():
+    """INT8 that costs (reorders around a lone INT8 unit): the split with more float wins even
+    though fewer float units pass."""
+    fewest = accuracy_search_fewest()
+    _, result = _search_with_clock(lambda int8: 1.0 + 0.05 * int8)
+    assert len(result.float_units) > fewest and result.speed["fewest_float"] == fewest
+
+
+def accuracy_search_fewest() -> int:
+    """Float units of the same search without timing (the accuracy-only answer)."""
+    return len(_search_with_clock(None)[1].float_units)
+
+
 # -- Q/DQ and FP16 ONNX on the real decoder ---------------------------------------------------
 @pytest.fixture(scope="module")
 def decoder_feeds(litemedsam_bundle, real_slices):
@@ -361,6 +412,51 @@ def test_openvino_int8_revert_is_exact(litemedsam_bundle, decoder_feeds):
 
 
 @pytest.mark.slow
+def test_search_times_the_passing_splits_when_asked(bundle_copy, real_slices, litemedsam_card):
+    """``--search-speed on`` on this CPU (where ``auto`` would skip it): the OpenVINO INT8
+    decoder's passing splits are opened through the runtime's backend, timed in interleaved
+    rounds, and the evidence lands in the manifest next to the search."""
+    from samedge.quantize.build import build_variants
+    from samedge.quantize.candidates import SearchOptions
+
+    validation = [s for s in real_slices if s.name in ("CT_small.dcm", "examples_overlay.dcm")]
+    calib = CalibrationSet(slices=[s for s in real_slices if s.name == "693_J2KI.dcm"],
+                           count=2, augment=True)
+    search = SearchOptions(granularity="block", ranking_count=1, tune_count=2,
+                           max_evaluations=6, speed="on", tune_on="validation")
+    result = build_variants(bundle_copy, "int8", "openvino", ("decoder",), calib, validation,
+                            search=search, card=litemedsam_card, threads=2, layer_errors=False)
+    candidate = (result.added + result.rejected)[0]
+    speed = candidate.search.speed
+    assert speed is not None
+    if result.added:  # recorded with the artifact
+        artifact = Bundle(bundle_copy).find("decoder", "openvino", "int8")
+        assert artifact["quantization"]["search"]["speed"] == speed
+    if speed["timed"]:
+        assert len(speed["seconds"]) >= 2
+        assert all(len(v) >= 5 and min(v) > 0 for v in speed["seconds"].values())
+        assert speed["chosen_float"] >= speed["fewest_float"]
+    else:
+        assert "one passing split" in speed["why"]
+
+
+def test_split_timing_resolves_by_what_the_cpu_computes():
+    from samedge.quantize.candidates import SearchOptions
+
+    avx2 = frozenset({"avx2", "fma"})
+    vnni = frozenset({"avx2", "avx512f", "avx512_vnni"})
+    amx = frozenset({"avx512f", "avx512_bf16", "amx_bf16", "amx_int8"})
+    auto = SearchOptions()
+    assert not auto.times_splits("int8", avx2) and auto.times_splits("int8", vnni)
+    assert auto.times_splits("bf16", amx) and not auto.times_splits("bf16", vnni)
+    assert not auto.times_splits("fp16", amx)
+    assert SearchOptions(speed="on").times_splits("int8", avx2)
+    assert not SearchOptions(speed="off").times_splits("int8", amx)
+    with pytest.raises(SamedgeError, match="search speed"):
+        SearchOptions(speed="fast").times_splits("int8", avx2)
+
+
+@pytest.mark.slow
 def test_build_adds_only_gate_passing_variants(bundle_copy, real_slices, litemedsam_card):
     from samedge.quantize.build import build_variants
     from samedge.quantize.candidates import SearchOptions
@@ -432,7 +528,7 @@ def test_pipeline_precision_step_gates_fp16_and_keeps_fp32_default(bundle_copy, 
     """`samedge pipeline` without INT8: a failing FP16 IR leaves the bundle with the reason
     recorded, and the default is the fastest gate-passing variant (FP32 unless clearly faster)."""
     from samedge.pipeline.precision import quantize_for_pipeline
-    from samedge.pipeline.selection import SelectionRule
+    from samedge.speed.selection import SelectionRule
     from samedge.validation.drift import VariantDrift
 
     def drift(precision, dice):

@@ -355,7 +355,7 @@ def cmd_build(args, steps) -> int:
     policy = PromptPolicy(mode=options["prompts"], prompts_file=options["prompts_file"],
                           clicks=bundle.model.get("prompt") == "points")
     search = SearchOptions(method=args.search, tune_on=args.tune_on,
-                           max_evaluations=args.max_evaluations)
+                           max_evaluations=args.max_evaluations, speed=args.search_speed)
     with _Notes():
         engine_options = None
         if args.backend == "tensorrt":

@@ -90,6 +90,10 @@ def _add_quantization_commands(sub, options: FamilyOptions) -> None:
                    help="slices the search measures (default: calibration, validation held out)")
     p.add_argument("--max-evaluations", type=int, default=10,
                    help="search budget: real Dice evaluations (default 10)")
+    p.add_argument("--search-speed", default="auto", choices=("auto", "on", "off"),
+                   help="time the passing INT8/float (BF16/float) splits the search found and "
+                        "keep the most precise one no other is clearly faster than (auto: on "
+                        "CPUs whose INT8 dot products or BF16 instructions can pay; OpenVINO)")
     p.add_argument("--calibration-method", default="minmax",
                    choices=("minmax", "entropy", "percentile"), help="ONNX Runtime Q/DQ ranges")
     p.add_argument("--validation-data", nargs="+", type=Path, default=None, metavar="PATH",

@@ -1,5 +1,3 @@
-"""The main job (``run``) and its precision step (``precision``, ``selection``, ``timing``).
-
-Nothing is re-exported here: ``timing`` serves the benchmarks without pulling in the exporter
-(and torch) that ``run`` needs.
-"""
+"""The main job (``run``) and its precision step (``precision``; timing and the default's rule
+live in :mod:`samedge.speed`). Nothing is re-exported: importing a submodule should not pull in
+the exporter (and torch) that ``run`` needs."""

@@ -20,8 +20,8 @@ import numpy as np
 from samedge.data.items import Item, centre
 from samedge.data.slices import Slice
 from samedge.export.bundle import BundleWriter, write_manifest
-from samedge.pipeline.selection import SelectionRule, select
-from samedge.pipeline.timing import interleaved
+from samedge.speed.selection import SelectionRule, select
+from samedge.speed.timing import interleaved
 from samedge.progress import Steps
 from samedge.quantize.build import build_variants
 from samedge.quantize.calibset import CalibrationSet

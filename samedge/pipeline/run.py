@@ -21,7 +21,7 @@ from samedge.export.bundle import write_manifest
 from samedge.export.exporter import export_bundle
 from samedge.models import build_model
 from samedge.models.card import ModelCard
-from samedge.pipeline.timing import interleaved
+from samedge.speed.timing import interleaved
 from samedge.progress import Steps
 from samedge.runtime.bundle import NATIVE_FORMAT, Bundle
 from samedge.runtime.predictor import Predictor

@@ -182,12 +182,16 @@ def build_variants(
                         fp32 = open_backend(measure_backend, bundle.entry_path(
                             bundle.find("decoder", measure_backend, "fp32")), threads)
                         proxy = decoder_proxy(probe, ranking, fp32)
+                    # OpenVINO candidates run as the bundle will; Q/DQ ONNX is TensorRT's graph,
+                    # whose speed ONNX Runtime on this CPU does not tell
+                    timed = fmt == "openvino_ir" and search.times_splits(precision)
+                    timing_feed = feeds.take(1)[0] if timed else None
                     if bf16:
                         candidate = openvino_bf16(graph, bundle, stage, precision, probe, proxy,
-                                                  search, steps)
+                                                  search, steps, timing_feed)
                     elif fmt == "openvino_ir":
                         candidate = openvino_int8(graph, bundle, stage, feeds, probe, proxy,
-                                                   search, nncf_config, steps)
+                                                  search, nncf_config, steps, timing_feed)
                     else:
                         candidate = qdq_int8(graph, bundle, stage, feeds, probe, proxy, search,
                                               ort_calibration, steps)

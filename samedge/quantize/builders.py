@@ -35,7 +35,8 @@ from samedge.runtime.bundle import Bundle
 
 
 def openvino_int8(graph: str, bundle: Bundle, stage: Path, feeds: Feeds, probe: CandidateProbe,
-                   proxy, options: SearchOptions, config: NncfConfig, steps: Steps) -> Candidate:
+                  proxy, options: SearchOptions, config: NncfConfig, steps: Steps,
+                  timing_feed: dict | None = None) -> Candidate:
     source = bundle.entry_path(bundle.find(graph, "openvino", "fp32"))
     float_model = read_openvino(source)
     start = time.perf_counter()
@@ -47,7 +48,7 @@ def openvino_int8(graph: str, bundle: Bundle, stage: Path, feeds: Feeds, probe: 
     model = quantized
     if options.method == "search":
         model, search = run_search(list(mixed.units), mixed.realize, probe, proxy, options, steps,
-                                graph)
+                                   graph, timing_feed)
     elif options.method == "nncf":
         model = nncf_accuracy_control(float_model, feeds, config, probe, options, steps)
     xml = stage / "openvino" / f"{graph}_int8.xml"
@@ -121,7 +122,8 @@ def _count_reasons(reasons: dict[str, str]) -> dict[str, int]:
 
 
 def openvino_bf16(graph: str, bundle: Bundle, stage: Path, precision: str, probe: CandidateProbe,
-                  proxy, options: SearchOptions, steps: Steps) -> Candidate:
+                  proxy, options: SearchOptions, steps: Steps,
+                  timing_feed: dict | None = None) -> Candidate:
     """``bf16``: the FP32 IR, ``int8-bf16``: the bundle's INT8 IR, each with the units the
     accuracy search keeps in FP32 marked ``precise``; run with ``INFERENCE_PRECISION_HINT=bf16``
     (recorded on the artifact, so the runtime runs it exactly so)."""
@@ -138,7 +140,7 @@ def openvino_bf16(graph: str, bundle: Bundle, stage: Path, precision: str, probe
         model = mixed.realize(list(mixed.units))
     else:
         model, search = run_search(list(mixed.units), mixed.realize, probe, proxy, options, steps,
-                                   f"{graph} {precision}")
+                                   f"{graph} {precision}", timing_feed)
     files = save_openvino(model, stage / "openvino" / f"{graph}_{precision}.xml")
     meta = {"inference_precision": "bf16", "conversion": {
         "source": source["entry"], "tool": "OpenVINO INFERENCE_PRECISION_HINT=bf16, units kept "

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from samedge.data.prompts import PromptPolicy
+from samedge.errors import SamedgeError
 from samedge.export.openvino import opt_out_of_telemetry
 from samedge.progress import Steps
 from samedge.quantize.calibset import CalibrationSet, Feeds
@@ -26,10 +27,17 @@ from samedge.quantize.openvino_nncf import (
     NncfConfig,
     save_openvino,
 )
-from samedge.quantize.search import SearchResult, accuracy_search, rank_units
+from samedge.quantize.search import (
+    SearchResult,
+    TimeRounds,
+    accuracy_search,
+    rank_units,
+)
 from samedge.runtime.backends import open_backend
 from samedge.runtime.bundle import Bundle
+from samedge.runtime.cpu import bf16_instructions, int8_instructions
 from samedge.runtime.predictor import Predictor
+from samedge.speed.timing import interleaved
 from samedge.validation.drift import SemanticDrift, VariantDrift
 from samedge.validation.gate import Gate, GateResult
 from samedge.validation.references import Measured
@@ -48,7 +56,8 @@ class SearchOptions:
     ``calibration`` (``tune_count`` slices of the calibration set, keeping validation held out)
     or ``validation``. ``granularity`` (OpenVINO): ``op`` switches each quantized op (with the ops
     sharing its input quantizer), ``block`` whole blocks — coarser, about 4× fewer units to rank,
-    for a time budget (``samedge pipeline``)."""
+    for a time budget (``samedge pipeline``). ``speed``: whether the passing splits the search
+    visits are timed against each other on the OpenVINO candidates (:meth:`times_splits`)."""
 
     method: str = "search"
     target: Gate | None = None
@@ -57,6 +66,19 @@ class SearchOptions:
     ranking_count: int = 2
     max_evaluations: int = 10
     granularity: str = "op"
+    speed: str = "auto"
+
+    def times_splits(self, precision: str, flags: frozenset[str] | None = None) -> bool:
+        """Whether the search times the passing splits (``speed``): ``auto`` where the reduced
+        arithmetic can pay on this CPU — INT8 dot products (VNNI, AMX-INT8) for ``int8``, BF16
+        instructions for the BF16 variants — ``on`` always, ``off`` never."""
+        if self.speed not in ("auto", "on", "off"):
+            raise SamedgeError(f"search speed {self.speed!r}: use auto, on or off")
+        if self.speed != "auto":
+            return self.speed == "on"
+        if "bf16" in precision:
+            return bool(bf16_instructions(flags))
+        return precision == "int8" and bool(int8_instructions(flags))
 
 
 @dataclass
@@ -146,16 +168,17 @@ class CandidateProbe:
     def close(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
-    def open(self, model: Any):
+    def open(self, model: Any, name: str = "candidate"):
         """A runtime backend for an ``ov.Model`` or ``onnx.ModelProto`` (written to a temp file,
-        then opened exactly as the bundle's files are)."""
+        then opened exactly as the bundle's files are; backends open at once need own ``name``s,
+        since OpenVINO may map the weights file)."""
         import onnx
 
         if isinstance(model, onnx.ModelProto):
-            path = self._tmp / "candidate.onnx"
+            path = self._tmp / f"{name}.onnx"
             onnx.save(model, str(path))
             return open_backend("onnxruntime", path, self.threads)
-        path = self._tmp / "candidate.xml"
+        path = self._tmp / f"{name}.xml"
         save_openvino(model, path)
         return open_backend("openvino", path, self.threads, **self.options)
 
@@ -272,9 +295,31 @@ def feeds_for(graph: str, calibration: CalibrationSet, bundle: Bundle, encoder_b
     return calibration.decoder_inputs(pre, encode, policy, depth=depth)
 
 
+SETTLE_S = 0.05  # pause before each timed call: the previous candidate's threads go idle
+
+
+def split_timer(probe: CandidateProbe, feed: dict[str, np.ndarray]) -> TimeRounds:
+    """Times candidate graphs on one real input, interleaved round by round, each opened once
+    through the runtime's own backend (as the bundle will run it)."""
+    opened: dict[int, Any] = {}
+
+    def time_rounds(models, rounds: int, first: bool) -> list[list[float]]:
+        backends = []
+        for model in models:
+            if id(model) not in opened:
+                opened[id(model)] = probe.open(model, name=f"timed{len(opened)}")
+            backends.append(opened[id(model)])
+        calls = [[lambda backend=backend: backend.run(feed)] for backend in backends]
+        samples = interleaved(calls, rounds, warmup=1 if first else 0, settle_s=SETTLE_S)
+        return [per_call[0] for per_call in samples]
+
+    return time_rounds
+
+
 def run_search(units, realize, probe: CandidateProbe, proxy, options: SearchOptions,
-            steps: Steps, label: str):
-    """Rank + bisect; returns (model, SearchResult)."""
+               steps: Steps, label: str, timing_feed: dict[str, np.ndarray] | None = None):
+    """Rank + bisect (+ time the passing splits on ``timing_feed`` when given); returns
+    (model, SearchResult)."""
     t0 = time.perf_counter()
     with steps.step(f"{label}: rank {len(units)} quantized units by their INT8 error alone"):
         sensitivity = rank_units(list(units), realize, proxy, steps)
@@ -282,9 +327,10 @@ def run_search(units, realize, probe: CandidateProbe, proxy, options: SearchOpti
     target = options.target
     with steps.step(f"{label}: accuracy-controlled search (target: {target.min_mean_dice:.3f} "
                     f"mean, {target.min_worst_dice:.2f} worst)"):
+        timer = split_timer(probe, timing_feed) if timing_feed is not None else None
         model, result = accuracy_search(list(units), realize, probe.summary,
                                         lambda s: target.evaluate(s).passed, sensitivity,
-                                        steps, options.max_evaluations)
+                                        steps, options.max_evaluations, time_rounds=timer)
     result.ranking_seconds = ranking
     return model, result
 

@@ -3,14 +3,26 @@
 Units are ordered by a cheap proxy (error with only that unit in INT8) and a bisection over how
 many of the most sensitive revert decides on the real metric. Quantization errors of independent
 units add up nearly in quadrature, so this finds the float set in about log2(n) real evaluations.
-Nothing here imports onnx, openvino or torch: tests drive it with plain callables.
+Where reduced precision can pay (INT8 dot products, BF16 units), the passing splits it visited
+are then timed against each other and the most precise one no other is clearly faster than wins
+(:mod:`samedge.speed.selection`): fewer float units is not always faster. Nothing here imports
+onnx, openvino or torch: tests drive it with plain callables and a fake clock.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Collection, Mapping, Sequence
+
+from samedge.speed.selection import SelectionRule, select
+
+# time_rounds(models, rounds, first): seconds per round for each model, interleaved
+TimeRounds = Callable[[Sequence[Any], int, bool], Sequence[Sequence[float]]]
+SPEED_CANDIDATES = 4  # passing splits timed at most: the ones with the fewest float units
+# Splits of one precision differ by a few units, so half the pipeline's 10 % default margin
+SPLIT_RULE = SelectionRule(margin=0.05)
 
 
 @dataclass
@@ -58,6 +70,7 @@ class SearchResult:
     ranking_seconds: float = 0.0
     search_seconds: float = 0.0
     method: str = "search"
+    speed: dict | None = None  # the speed-aware pick's evidence, when splits were timed
 
     def describe(self, top: int = 25) -> dict:
         ranked = sorted(self.sensitivity.items(), key=lambda kv: -kv[1])
@@ -74,6 +87,7 @@ class SearchResult:
             "steps": [asdict(s) for s in self.steps],
             "ranking_seconds": self.ranking_seconds,
             "search_seconds": self.search_seconds,
+            "speed": self.speed,
         }
 
 
@@ -91,13 +105,17 @@ def rank_units(units: Sequence[str], realize: Callable[[Collection[str]], Any],
 def accuracy_search(units: Sequence[str], realize: Callable[[Collection[str]], Any],
                     measure: Callable[[Any], dict], passes: Callable[[dict], bool],
                     sensitivity: Mapping[str, float], steps=None,
-                    max_evaluations: int = 10) -> tuple[Any, SearchResult]:
+                    max_evaluations: int = 10, time_rounds: TimeRounds | None = None,
+                    rule: SelectionRule | None = None) -> tuple[Any, SearchResult]:
     """Fewest float units (in sensitivity order) for which ``passes(measure(model))``.
 
     Bisection over k, the number of most sensitive units reverted: k = 0 is full INT8, k = n is
     the float model (passes by definition, never measured). Returns the passing model with the
     smallest k found and the record; when even small k fail and evaluations run out, the best
     passing model found so far (or the float-most one measured) is returned with ``passed`` set.
+    With ``time_rounds``, the passing splits found (up to ``SPEED_CANDIDATES``, fewest float
+    units first) are timed in interleaved rounds and the pick follows ``rule``: a split with
+    fewer float units replaces one with more only when clearly faster.
     """
     order = sorted(units, key=lambda u: -sensitivity.get(u, 0.0))
     history: list[SearchStep] = []
@@ -156,7 +174,40 @@ def accuracy_search(units: Sequence[str], realize: Callable[[Collection[str]], A
         k = hi
         model, summary, ok = cache[k]
         passed = True
+    speed = None
+    if passed and time_rounds is not None:
+        k, speed = _fastest_passing(cache, time_rounds, rule or SPLIT_RULE, steps)
+        model, summary, ok = cache[k]
+    elapsed = time.perf_counter() - start
     result = SearchResult(int8_units=order[k:], float_units=order[:k],
                           sensitivity=dict(sensitivity), steps=history, passed=passed,
-                          summary=summary, search_seconds=elapsed)
+                          summary=summary, search_seconds=elapsed, speed=speed)
     return model, result
+
+
+def _fastest_passing(cache: Mapping[int, tuple[Any, dict, bool]], time_rounds: TimeRounds,
+                     rule: SelectionRule, steps=None) -> tuple[int, dict]:
+    """Among the passing splits (k float units), the most precise one that no split with fewer
+    float units is clearly faster than; returns (k, evidence for the manifest)."""
+    passing = sorted(k for k, (_, _, ok) in cache.items() if ok)[:SPEED_CANDIDATES]
+    fewest = passing[0]
+    if len(passing) < 2:
+        return fewest, {"timed": False, "why": "one passing split: nothing to compare"}
+    order = [str(k) for k in sorted(passing, reverse=True)]  # most float (most precise) first
+    models = [cache[int(label)][0] for label in order]
+
+    def rounds(count: int, first: bool) -> dict[str, list[float]]:
+        timed = time_rounds(models, count, first)
+        return {label: list(seconds) for label, seconds in zip(order, timed)}
+
+    selection = select(rounds, order, rule)
+    chosen = int(selection.choice)
+    if steps is not None:
+        medians = ", ".join(
+            f"{label} in float {statistics.median(selection.costs[label]) * 1e3:.0f} ms"
+            for label in order)
+        steps.info(f"  timed the passing splits ({medians}) → {chosen} units in float"
+                   + ("" if chosen == fewest else f": {fewest} was not clearly faster"))
+    evidence = {"timed": True, "fewest_float": fewest, "chosen_float": chosen,
+                "seconds": selection.costs, **selection.evidence(rule)}
+    return chosen, evidence
