@@ -43,9 +43,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from samedge.speed.timing import interleaved  # noqa: E402
-from samedge.runtime.cpu import cpu_name, isa_summary  # noqa: E402
-
 from gemm import ARITHMETIC, arithmetic_of, gemm_probe  # noqa: E402
 from workload import (  # noqa: E402
     bundle_or_export,
@@ -55,6 +52,9 @@ from workload import (  # noqa: E402
     make_boxes,
     pick_image,
 )
+
+from samedge.runtime.cpu import cpu_name, isa_summary  # noqa: E402
+from samedge.speed.timing import interleaved  # noqa: E402
 
 RUNTIME_VARIANTS = {  # name → (backend, precision)
     "ORT FP32": ("onnxruntime", "fp32"),

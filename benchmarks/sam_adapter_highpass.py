@@ -31,8 +31,8 @@ for path in (REPO, HERE):
 
 from workload import count_flops, loadavg  # noqa: E402
 
-from samedge.speed.timing import interleaved  # noqa: E402
 from samedge.runtime.cpu import cpu_name, isa_summary  # noqa: E402
+from samedge.speed.timing import interleaved  # noqa: E402
 
 SIZE = 1024
 VARIANTS = ("vit_b", "vit_l", "vit_h")

@@ -37,9 +37,9 @@ from workload import bundle_or_export, loadavg  # noqa: E402
 
 from samedge.data.open import open_volume  # noqa: E402
 from samedge.data.writers import write_nifti  # noqa: E402
-from samedge.speed.timing import interleaved  # noqa: E402
 from samedge.runtime import Predictor, VolumePredictor  # noqa: E402
 from samedge.runtime.cpu import cpu_name, isa_summary  # noqa: E402
+from samedge.speed.timing import interleaved  # noqa: E402
 
 
 def make_series(folder: Path, size: int, slices: int) -> tuple[Path, np.ndarray]:

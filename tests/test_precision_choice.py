@@ -12,9 +12,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from drift_fakes import fake_drift  # tests/ is on sys.path
 
 from samedge.errors import PrecisionUnsupportedError
 from samedge.export.bundle import write_manifest
+from samedge.runtime.bundle import Bundle
+from samedge.runtime.variants import choose_variant, speed_needs
 from samedge.speed.selection import (
     FASTER,
     NOT_FASTER,
@@ -24,8 +27,6 @@ from samedge.speed.selection import (
     select,
 )
 from samedge.speed.timing import interleaved
-from samedge.runtime.bundle import Bundle
-from samedge.runtime.variants import choose_variant, speed_needs
 from samedge.validation.gate import DEFAULT_GATES, GateSet, with_margin
 
 
@@ -236,16 +237,9 @@ def test_pipeline_keeps_out_a_variant_without_margin(bundle_copy, real_slices, l
     """An FP16 IR that passes its gate (drop 0.0015 ≤ 0.002) but uses more than half of it leaves
     the bundle, the reason recorded; FP32 stays the default, timed with its evidence."""
     from samedge.pipeline.precision import quantize_for_pipeline
-    from samedge.validation.drift import VariantDrift
 
-    def drift(precision, dice):
-        d = VariantDrift("openvino", precision, dice=list(dice), iou=list(dice),
-                         logits_mean_abs=[0.0], embedding_cosine=[1.0], embedding_rel_err=[0.0])
-        d.cases = [("CT_small.dcm", f"box {i}", v) for i, v in enumerate(dice)]
-        return d
-
-    measured = {("openvino", "fp32"): drift("fp32", [1.0] * 4),
-                ("openvino", "fp16"): drift("fp16", [0.9985, 0.9985, 0.9985, 0.9985])}
+    measured = {("openvino", "fp32"): fake_drift("fp32", [1.0] * 4),
+                ("openvino", "fp16"): fake_drift("fp16", [0.9985, 0.9985, 0.9985, 0.9985])}
     slices = [s for s in real_slices if s.name == "CT_small.dcm"]
     result = quantize_for_pipeline(bundle_copy, litemedsam_card, slices, threads=1,
                                    measured=measured, int8=False,

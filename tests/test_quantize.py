@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from drift_fakes import fake_drift  # tests/ is on sys.path
 from PIL import Image
 
 from samedge.data import sampling
@@ -529,16 +530,9 @@ def test_pipeline_precision_step_gates_fp16_and_keeps_fp32_default(bundle_copy, 
     recorded, and the default is the fastest gate-passing variant (FP32 unless clearly faster)."""
     from samedge.pipeline.precision import quantize_for_pipeline
     from samedge.speed.selection import SelectionRule
-    from samedge.validation.drift import VariantDrift
 
-    def drift(precision, dice):
-        d = VariantDrift("openvino", precision, dice=list(dice), iou=list(dice),
-                         logits_mean_abs=[0.0], embedding_cosine=[1.0], embedding_rel_err=[0.0])
-        d.cases = [("CT_small.dcm", f"box {i}", v) for i, v in enumerate(dice)]
-        return d
-
-    measured = {("openvino", "fp32"): drift("fp32", [1.0] * 5),
-                ("openvino", "fp16"): drift("fp16", [1.0, 1.0, 0.97, 1.0, 1.0])}
+    measured = {("openvino", "fp32"): fake_drift("fp32", [1.0] * 5),
+                ("openvino", "fp16"): fake_drift("fp16", [1.0, 1.0, 0.97, 1.0, 1.0])}
     slices = [s for s in real_slices if s.name == "CT_small.dcm"]
     result = quantize_for_pipeline(bundle_copy, litemedsam_card, slices, threads=2,
                                    measured=measured, int8=False,

@@ -20,8 +20,6 @@ import numpy as np
 from samedge.data.items import Item, centre
 from samedge.data.slices import Slice
 from samedge.export.bundle import BundleWriter, write_manifest
-from samedge.speed.selection import SelectionRule, select
-from samedge.speed.timing import interleaved
 from samedge.progress import Steps
 from samedge.quantize.build import build_variants
 from samedge.quantize.calibset import CalibrationSet
@@ -30,6 +28,8 @@ from samedge.runtime.bundle import Bundle
 from samedge.runtime.cpu import bf16_instructions, cpu_facts, int8_instructions
 from samedge.runtime.predictor import Predictor
 from samedge.runtime.variants import speed_needs
+from samedge.speed.selection import SelectionRule, select
+from samedge.speed.timing import interleaved
 from samedge.validation.drift import VariantDrift
 from samedge.validation.gate import GateResult, GateSet, with_margin
 from samedge.validation.validate import GRAPHS, variant_label

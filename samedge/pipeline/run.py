@@ -21,10 +21,10 @@ from samedge.export.bundle import write_manifest
 from samedge.export.exporter import export_bundle
 from samedge.models import build_model
 from samedge.models.card import ModelCard
-from samedge.speed.timing import interleaved
 from samedge.progress import Steps
 from samedge.runtime.bundle import NATIVE_FORMAT, Bundle
 from samedge.runtime.predictor import Predictor
+from samedge.speed.timing import interleaved
 from samedge.validation.drift import SemanticDrift, VariantDrift, measure_drift
 
 # Slices whose encoder/decoder outputs validate the ONNX export (one small CT, one 512² CT, one
