@@ -101,6 +101,22 @@ def graph_types(model) -> set[str]:
     return {ONNX_TYPES.get(code, f"type {code}") for code in codes if code}
 
 
+def low_precision_ops(model) -> dict[str, Counter]:
+    """Per reduced float type (FLOAT16, BFLOAT16), how many nodes of each op produce it: the
+    parser's matrix lists per op which types it imports."""
+    import onnx
+
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.output)}
+    found: dict[str, Counter] = {}
+    for code in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+        ops = Counter(node.op_type for node in graph.node
+                      if any(types.get(out) == code for out in node.output))
+        if ops:
+            found[ONNX_TYPES[code]] = ops
+    return found
+
+
 def _nonzero_zero_points(model) -> list[str]:
     """Q/DQ nodes whose zero point is not 0 (every matrix: "zero point must be zero")."""
     from onnx import numpy_helper
@@ -140,6 +156,15 @@ def check_graph(path: Path, label: str, matrix: dict) -> GraphCheck:
                                "clamping values)")
         else:
             check.problems.append(f"data type {name} is not supported")
+    for name, ops in low_precision_ops(model).items():
+        if name not in matrix["data_types"]:
+            continue  # already a problem as a data type
+        short = {"FLOAT16": "FP16", "BFLOAT16": "BF16"}[name]
+        unlisted = {op: n for op, n in sorted(ops.items())
+                    if short not in (matrix["operators"].get(op) or {}).get("types", [short])}
+        if unlisted:
+            check.problems.append(f"{short} nodes of ops the parser does not list for {short}: "
+                                  + ", ".join(f"{op} ×{n}" for op, n in unlisted.items()))
     zero_points = _nonzero_zero_points(model)
     if zero_points:
         check.problems.append(f"{len(zero_points)} Q/DQ nodes with a nonzero zero point (must be "

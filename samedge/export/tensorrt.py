@@ -1,8 +1,9 @@
 """TensorRT engines from the bundle's ONNX graphs, built on the target device.
 
 Every engine is built from the graph that carries its precision: the FP32 graph, the mixed FP16
-graph (LayerNorm, softmax, residual adds and large-valued nodes kept FP32 with explicit Casts) or
-the explicit Q/DQ INT8 graph. How TensorRT is told depends on its version (:func:`build_plan`):
+graph (LayerNorm, softmax, residual adds and large-valued nodes kept FP32 with explicit Casts), the
+mixed BF16 graph (the same, plus the units its accuracy search keeps FP32) or the explicit Q/DQ
+INT8 graph. How TensorRT is told depends on its version (:func:`build_plan`):
 
 - 10.x and 11.x build *strongly typed* networks: every tensor's type comes from the graph, so the
   engine computes what the graph says and no precision flag is set (10.x: the STRONGLY_TYPED
@@ -10,7 +11,7 @@ the explicit Q/DQ INT8 graph. How TensorRT is told depends on its version (:func
 - 8.6 has no strong typing: weakly typed with the flags the graph needs — FP16 for the mixed
   graph, with OBEY_PRECISION_CONSTRAINTS and every layer of a node the graph keeps in FP32 pinned
   to FP32 (so TensorRT cannot run LayerNorm in FP16 where the validated graph does not), INT8 for
-  the Q/DQ graph (required for Q/DQ on weakly typed networks).
+  the Q/DQ graph (required for Q/DQ on weakly typed networks). BF16 needs strong typing, so 10+.
 
 TF32 is cleared: FP32 layers then compute in FP32, as validated. Each dynamic axis gets an
 optimisation profile (:func:`profile_shapes`). Engines are measured after building
@@ -31,7 +32,8 @@ from samedge.runtime.backends.trt_compat import (
     parse_version,
 )
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+BF16_MIN_CAPABILITY = (8, 0)  # BF16 tensor cores: Ampere and later, Jetson Orin (8.7) included
 
 
 def _tensorrt():
@@ -104,11 +106,14 @@ class BuildPlan:
 
 
 def build_plan(version: str, precision: str, options: EngineOptions = EngineOptions(),
-               jetson: bool = False) -> BuildPlan:
-    """The plan for TensorRT ``version``; refuses unsupported versions and combinations."""
+               jetson: bool = False, capability: str | None = None) -> BuildPlan:
+    """The plan for TensorRT ``version`` on a GPU of compute ``capability`` (``"8.7"``; None:
+    unknown); refuses unsupported versions and combinations."""
     check_supported(version)
     if precision not in PRECISIONS:
         raise SamedgeError(f"no TensorRT engine precision {precision!r}", hint=f"use {PRECISIONS}")
+    if precision == "bf16":
+        check_bf16(version, capability)
     if options.hardware_compatible and jetson:
         raise BackendUnavailableError(
             "hardware-compatible engines are not supported on Jetson (TensorRT builds them for "
@@ -132,16 +137,34 @@ def build_plan(version: str, precision: str, options: EngineOptions = EngineOpti
                      hardware_compatibility="AMPERE_PLUS" if options.hardware_compatible else None)
 
 
+def check_bf16(version: str, capability: str | None) -> None:
+    """BF16 engines come from the BF16 ONNX graph through a strongly typed network (TensorRT 10
+    and later) and need BF16 tensor cores (compute capability 8.0 and later)."""
+    if parse_version(version)[0] < 10:
+        raise BackendUnavailableError(
+            f"TensorRT {version} builds no BF16 engines from ONNX: samedge builds them as "
+            "strongly typed networks from the BF16 graph, which needs TensorRT 10 or later",
+            hint="use --precision fp16 on this TensorRT, or TensorRT 10+ (JetPack 6 and later)")
+    if capability is not None:
+        have = tuple(int(part) for part in capability.split(".")[:2])
+        if have < BF16_MIN_CAPABILITY:
+            raise BackendUnavailableError(
+                f"this GPU (compute capability {capability}) has no BF16 tensor cores; BF16 needs "
+                f"{'.'.join(map(str, BF16_MIN_CAPABILITY))} or later (Ampere, Ada, Hopper, "
+                "Blackwell; Jetson Orin)", hint="use --precision fp16 on this GPU")
+
+
 def fp32_nodes(model) -> list[str]:
-    """Nodes of a mixed FP16 ONNX graph that compute in FP32: those (besides Casts) with an FP32
-    output once ONNX's type inference has run, i.e. the nodes the FP16 conversion kept in FP32."""
+    """Nodes of a mixed FP16 ONNX graph that compute in FP32: those (besides Casts and the
+    Identities that replace FP16 round trips) with an FP32 output once ONNX's type inference has
+    run, i.e. the nodes the FP16 conversion kept in FP32."""
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(model)
     graph = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type
              for v in (*graph.value_info, *graph.input, *graph.output)}
-    return [node.name for node in graph.node if node.op_type != "Cast"
+    return [node.name for node in graph.node if node.op_type not in ("Cast", "Identity")
             and any(types.get(out) == onnx.TensorProto.FLOAT for out in node.output)]
 
 
@@ -165,7 +188,7 @@ def build_engine(onnx_path: Path, engine_path: Path, graph_inputs: dict, precisi
     """Build ``engine_path`` from ``onnx_path`` (+ a JSON sidecar recording TensorRT version,
     GPU, plan and profile, which the runtime checks before deserializing)."""
     trt = _tensorrt()
-    plan = build_plan(trt.__version__, precision, options, is_jetson())
+    plan = build_plan(trt.__version__, precision, options, is_jetson(), gpu_compute_capability())
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0

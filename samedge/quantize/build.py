@@ -22,6 +22,7 @@ from samedge.export.bundle import BundleWriter, write_manifest
 from samedge.progress import Steps
 from samedge.quantize.builders import (
     fp16_variant,
+    onnx_bf16,
     openvino_bf16,
     openvino_int8,
     qdq_int8,
@@ -51,7 +52,9 @@ from samedge.validation.references import Measured, references_for
 from samedge.validation.validate import GRAPHS
 
 PRECISIONS = ("int8", "fp16", "bf16", "int8-bf16")
-ONNX_PRECISIONS = ("int8", "fp16")  # BF16 variants are OpenVINO-only here (CPU hint + marks)
+# ONNX BF16 is TensorRT's graph, measured here through its FP32 stand-in; INT8 + BF16 is
+# OpenVINO's (an INT8 IR's float parts under a bf16 hint)
+ONNX_PRECISIONS = ("int8", "fp16", "bf16")
 
 
 # Backend → (artifact format written, backend that executes it for validation here).
@@ -110,8 +113,8 @@ def build_variants(
         raise SamedgeError(f"unknown backend {backend!r}", hint=f"use one of {sorted(BACKENDS)}")
     if precision not in TARGETS.get(backend, TARGETS["onnxruntime"]):
         raise SamedgeError(f"{precision} is built for OpenVINO only",
-                           hint="TensorRT BF16 engines (Ampere and later) are not built by this "
-                                "version: untested without a GPU; use --backend openvino")
+                           hint="its float parts run under OpenVINO's bf16 hint; TensorRT and "
+                                "ONNX Runtime take --precision bf16 or int8")
     unknown = [g for g in graphs if g not in GRAPHS]
     if unknown or not graphs:
         raise SamedgeError(f"unknown graph(s) {', '.join(unknown) or '(none)'}",
@@ -126,7 +129,8 @@ def build_variants(
         return _build_tensorrt(bundle_path, precision, graphs, calibration, validation, prompts,
                                gates, search, nncf_config, ort_calibration, card, threads, steps,
                                report, layer_errors, engine_options)
-    bf16 = "bf16" in precision
+    fmt = TARGETS[backend][precision]
+    bf16 = "bf16" in precision and fmt == "openvino_ir"  # OpenVINO's bf16 hint
     if bf16:  # before any slow work: drift measured in emulated f32 would say nothing
         from samedge.quantize.bf16 import require_bf16
 
@@ -142,7 +146,6 @@ def build_variants(
     calibration = calibration or calibration_from_manifest(bundle.manifest)
     policy = prompts or PromptPolicy(clicks=bundle.model.get("prompt") == "points")
     validation = list(validation) if validation is not None else read_items(None, int(bundle.model.get("depth", 1)))
-    fmt = TARGETS[backend][precision]
     measure_backend = backend_for(fmt)
     timings: dict[str, float] = {}
 
@@ -186,7 +189,9 @@ def build_variants(
                     # whose speed ONNX Runtime on this CPU does not tell
                     timed = fmt == "openvino_ir" and search.times_splits(precision)
                     timing_feed = feeds.take(1)[0] if timed else None
-                    if bf16:
+                    if precision == "bf16" and fmt == "onnx":
+                        candidate = onnx_bf16(graph, bundle, stage, probe, proxy, search, steps)
+                    elif bf16:
                         candidate = openvino_bf16(graph, bundle, stage, precision, probe, proxy,
                                                   search, steps, timing_feed)
                     elif fmt == "openvino_ir":
@@ -327,8 +332,9 @@ def require_tensorrt(precision: str) -> None:
                  "target GPU/Jetson that runs them. On this machine `samedge build BUNDLE "
                  f"--backend onnxruntime --precision {precision}` builds and validates the graph "
                  "TensorRT consumes ("
-                 + ("explicit Q/DQ INT8 ONNX" if precision == "int8" else
-                    "mixed FP16 ONNX, LayerNorm/softmax in FP32")
+                 + {"int8": "explicit Q/DQ INT8 ONNX",
+                    "bf16": "mixed BF16 ONNX, measured through its FP32 stand-in"}.get(
+                     precision, "mixed FP16 ONNX, LayerNorm/softmax in FP32")
                  + "); run `--backend tensorrt` on the target to turn it into an engine",
         ) from exc
 

@@ -1,5 +1,5 @@
-"""One builder per tool: NNCF INT8 IR, ONNX Runtime Q/DQ INT8, FP16 (IR or mixed ONNX), and
-OpenVINO BF16 (FP32 or INT8 IR with FP32-kept units)."""
+"""One builder per tool: NNCF INT8 IR, ONNX Runtime Q/DQ INT8, FP16 (IR or mixed ONNX), OpenVINO
+BF16 (FP32 or INT8 IR with FP32-kept units) and mixed BF16 ONNX for TensorRT."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from samedge.quantize.candidates import (
     nncf_accuracy_control,
     run_search,
 )
+from samedge.quantize.bf16_onnx import stand_in
 from samedge.quantize.fp16 import convert_fp16
 from samedge.quantize.onnx_qdq import (
     OnnxMixed,
@@ -31,7 +32,7 @@ from samedge.quantize.openvino_nncf import (
     read_openvino,
     save_openvino,
 )
-from samedge.runtime.bundle import Bundle
+from samedge.runtime.bundle import STAND_IN, Bundle
 
 
 def openvino_int8(graph: str, bundle: Bundle, stage: Path, feeds: Feeds, probe: CandidateProbe,
@@ -150,3 +151,41 @@ def openvino_bf16(graph: str, bundle: Bundle, stage: Path, precision: str, probe
     if search is not None:
         meta["conversion"]["search"] = search.describe()
     return Candidate(graph, "openvino_ir", precision, files, meta, search)
+
+
+def onnx_bf16(graph: str, bundle: Bundle, stage: Path, probe: CandidateProbe, proxy,
+              options: SearchOptions, steps: Steps) -> Candidate:
+    """Mixed BF16 ONNX (what a strongly typed TensorRT build turns into BF16 kernels), the units
+    the accuracy search keeps in FP32 as FP32 nodes; its FP32 stand-in goes beside it, recorded
+    as ``cpu_stand_in``: what ONNX Runtime runs for this variant here, and what was measured."""
+    import onnx
+
+    from samedge.quantize.bf16_onnx import OnnxBf16
+
+    source = bundle.find(graph, "onnxruntime", "fp32")
+    mixed = OnnxBf16(bundle.entry_path(source), options.granularity)
+    search = None
+    bf16_units = list(mixed.units)
+    if options.method != "none":
+        _, search = run_search(bf16_units, mixed.realize, probe, proxy, options, steps,
+                               f"{graph} bf16")
+        bf16_units = search.int8_units
+    out, cpu = stage / f"{graph}_bf16.onnx", stage / f"{graph}_bf16_cpu_stand_in.onnx"
+    with steps.step(f"{graph}: mixed BF16 ONNX and its FP32 stand-in"):
+        graph_bf16 = mixed.graph(bf16_units)
+        onnx.checker.check_model(graph_bf16, full_check=True)  # strict types: TensorRT parses it
+        onnx.save(graph_bf16, str(out))
+        onnx.save(stand_in(graph_bf16), str(cpu))
+    kept = mixed.kept(bf16_units)
+    meta = {STAND_IN: cpu.relative_to(stage).as_posix(), "conversion": {
+        "source": source["entry"],
+        "tool": "onnxruntime.transformers.float16.convert_float_to_float16, FLOAT16 retyped "
+                "BFLOAT16 (weights rounded from FP32)",
+        "cpu_stand_in": "the BF16 graph in FP32 with every BF16 tensor rounded to BF16 (Cast "
+                        "to BF16 and back): ONNX Runtime's CPU provider has no BF16 MatMul",
+        "granularity": options.granularity, "accuracy_control": options.method,
+        "bf16_units": len(bf16_units), "fp32_units": search.float_units if search else [],
+        "fp32_nodes": len(kept), "fp32_reasons": _count_reasons(kept)}}
+    if search is not None:
+        meta["conversion"]["search"] = search.describe()
+    return Candidate(graph, "onnx", "bf16", [out, cpu], meta, search)

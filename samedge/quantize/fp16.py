@@ -115,19 +115,10 @@ class Fp16Conversion:
     reasons: dict[str, str]
 
 
-def convert_fp16(onnx_path: Path, out_path: Path, feeds: Iterable[dict] | None = None,
-                 keep_ops: Sequence[str] = FP16_KEEP_OPS, keep_nodes: Collection[str] = (),
-                 keep_residual_adds: bool = True, data_max: float = FP16_DATA_MAX
-                 ) -> Fp16Conversion:
-    """Mixed FP16 ONNX: FP32 I/O, FP16 elsewhere except the overflow-prone nodes."""
-    import onnx
-    from onnxruntime.transformers.float16 import (
-        DEFAULT_OP_BLOCK_LIST,
-        convert_float_to_float16,
-    )
-
-    model = onnx.load(str(onnx_path))
-    reasons: dict[str, str] = {name: "requested" for name in keep_nodes}
+def fp32_reasons(model, keep_ops: Sequence[str] = FP16_KEEP_OPS,
+                 keep_residual_adds: bool = True) -> dict[str, str]:
+    """Nodes kept FP32 whatever the data (op types, residual adds, decomposed norms), with why."""
+    reasons: dict[str, str] = {}
     for node in model.graph.node:
         if node.op_type in keep_ops:
             reasons.setdefault(node.name, f"op type {node.op_type}")
@@ -136,14 +127,99 @@ def convert_fp16(onnx_path: Path, out_path: Path, feeds: Iterable[dict] | None =
             reasons.setdefault(name, "residual add")
     for name in norm_nodes(model):
         reasons.setdefault(name, "decomposed normalisation")
+    return reasons
+
+
+def mixed_fp16(model, keep_nodes: Collection[str], keep_ops: Sequence[str] = FP16_KEEP_OPS):
+    """``model`` (not modified) with FP32 I/O and every float node in FP16 except ``keep_nodes``
+    and ``keep_ops``, Casts between (ONNX Runtime's converter)."""
+    import onnx
+    from onnxruntime.transformers.float16 import (
+        DEFAULT_OP_BLOCK_LIST,
+        convert_float_to_float16,
+    )
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    converted = convert_float_to_float16(
+        copy, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(keep_ops),
+        node_block_list=sorted(keep_nodes))
+    _unique_node_names(converted)
+    _drop_round_trips(converted)
+    _sort_topologically(converted.graph)
+    return converted
+
+
+def _drop_round_trips(model) -> None:
+    """The converter passes a tensor between two FP32-kept nodes through FP16 and back (a
+    residual Add feeding its LayerNorm, the graph input reaching a residual Add): FP32 nodes
+    read the FP32 tensor instead. A Cast back to FLOAT of a Cast to FP16 of an FP32 tensor becomes
+    an Identity of that tensor; the first Cast goes when nothing else reads it."""
+    import onnx
+
+    FLOAT, low = onnx.TensorProto.FLOAT, (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*graph.value_info, *graph.input, *graph.output)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+
+    def cast_to(node):
+        return next((a.i for a in node.attribute if a.name == "to"), None) \
+            if node.op_type == "Cast" else None
+
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        source = producers.get(node.input[0]) if node.input else None
+        if cast_to(node) == FLOAT and source is not None and cast_to(source) in low \
+                and types.get(source.input[0]) == FLOAT:
+            node.op_type = "Identity"
+            del node.attribute[:]
+            node.input[0] = source.input[0]
+    read = {name for node in model.graph.node for name in node.input}
+    read |= {o.name for o in model.graph.output}
+    kept = [n for n in model.graph.node if not (cast_to(n) in low and n.output[0] not in read)]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+
+
+def _sort_topologically(graph) -> None:
+    """The converter appends its Casts after their consumers; ONNX (and TensorRT's parser)
+    want producers first. Stable: nodes keep their order wherever their inputs allow."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        waiting = []
+        for node in pending:
+            if all(name in ready for name in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
+            raise ValueError(f"graph has a cycle or a missing input at {waiting[0].name}")
+        pending = waiting
+    nodes = [type(n)() for n in ordered]
+    for copy, node in zip(nodes, ordered):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def convert_fp16(onnx_path: Path, out_path: Path, feeds: Iterable[dict] | None = None,
+                 keep_ops: Sequence[str] = FP16_KEEP_OPS, keep_nodes: Collection[str] = (),
+                 keep_residual_adds: bool = True, data_max: float = FP16_DATA_MAX
+                 ) -> Fp16Conversion:
+    """Mixed FP16 ONNX: FP32 I/O, FP16 elsewhere except the overflow-prone nodes."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    reasons: dict[str, str] = {name: "requested" for name in keep_nodes}
+    for name, why in fp32_reasons(model, keep_ops, keep_residual_adds).items():
+        reasons.setdefault(name, why)
     if feeds is not None:
         for name, peak in large_value_nodes(model, feeds, data_max).items():
             reasons.setdefault(name, f"|output| {peak:.0f} > {data_max:.0f} on calibration data")
-    converted = convert_float_to_float16(
-        model, keep_io_types=True,
-        op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(keep_ops),
-        node_block_list=sorted(reasons))
-    _unique_node_names(converted)
+    converted = mixed_fp16(model, reasons, keep_ops)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(converted, str(out_path))
     return Fp16Conversion(out_path, sorted(reasons), reasons)

@@ -40,6 +40,8 @@ NATIVE_FORMAT = {backend: formats[0] for backend, formats in BACKEND_FORMATS.ite
 def backend_for(fmt: str) -> str:
     """The backend that runs an artifact of format ``fmt`` natively (ONNX: ONNX Runtime)."""
     return next(b for b, native in NATIVE_FORMAT.items() if native == fmt)
+# An artifact's file that CPU backends run instead of its entry (samedge.quantize.bf16_onnx).
+STAND_IN = "cpu_stand_in"
 # Files a backend opens beside an artifact's entry by name alone: they must be hashed too.
 COMPANIONS = {"openvino_ir": ".bin", "tensorrt_engine": ".json"}
 
@@ -178,9 +180,10 @@ class Bundle:
     def _check_paths(self, artifact: dict) -> None:
         files = artifact["files"]
         label = f"{artifact['graph']}/{artifact['format']}/{artifact['precision']}"
-        if artifact["entry"] not in files:
-            raise BundleError(f"artifact {label}: its entry {artifact['entry']!r} is not among "
-                              "its hashed files", hint="re-export the bundle")
+        for key in ("entry", STAND_IN):
+            if key in artifact and artifact[key] not in files:
+                raise BundleError(f"artifact {label}: its {key} {artifact[key]!r} is not among "
+                                  "its hashed files", hint="re-export the bundle")
         for rel in files:
             self.file(rel)
         companion = COMPANIONS.get(artifact["format"])
@@ -233,3 +236,10 @@ class Bundle:
 
     def entry_path(self, artifact: dict) -> Path:
         return self.file(artifact["entry"])
+
+    def run_path(self, artifact: dict, backend: str) -> Path:
+        """The file ``backend`` opens for an artifact: its entry, or, for a graph no CPU backend
+        computes (BF16 ONNX, TensorRT's), the stand-in that computes the same values in FP32."""
+        if artifact.get(STAND_IN) and backend in ("onnxruntime", "openvino"):
+            return self.file(artifact[STAND_IN])
+        return self.entry_path(artifact)

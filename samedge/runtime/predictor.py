@@ -104,9 +104,9 @@ class Predictor:
         self.multimask_default = bool(self.bundle.model.get("multimask_default", False))
         encoder = self.bundle.find("encoder", backend, precision)
         decoder = self.bundle.find("decoder", backend, decoder_precision or precision)
-        self.encoder = open_backend(backend, self.bundle.entry_path(encoder), threads,
+        self.encoder = open_backend(backend, self.bundle.run_path(encoder, backend), threads,
                                     **runtime_options(encoder))
-        self.decoder = open_backend(backend, self.bundle.entry_path(decoder), threads,
+        self.decoder = open_backend(backend, self.bundle.run_path(decoder, backend), threads,
                                     **runtime_options(decoder))
         self.depth = int(self.bundle.model.get("depth", 1))
         self.semantic = self.bundle.model.get("decoder") == "semantic"
