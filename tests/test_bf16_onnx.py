@@ -235,3 +235,63 @@ def test_runtime_runs_the_stand_in_and_verifies_it(bundle_copy, decoder_bf16, re
     (bundle_copy / "manifest.json").write_text(json.dumps(seal(manifest)))
     with pytest.raises(BundleError, match="cpu_stand_in"):
         Bundle(bundle_copy)
+
+
+# -- samedge build: the ONNX variant, then TensorRT engines from its BF16 graph --------------
+@pytest.mark.slow
+def test_build_bf16_onnx_then_tensorrt_engines_from_the_bf16_graph(
+        bundle_copy, real_slices, litemedsam_card, monkeypatch):
+    import shutil
+    import sys
+
+    import fake_tensorrt  # tests/ is on sys.path
+
+    from samedge.data.prompts import PromptPolicy
+    from samedge.quantize import engines
+    from samedge.quantize.build import build_variants
+    from samedge.quantize.calibset import CalibrationSet
+    from samedge.quantize.candidates import SearchOptions
+    from samedge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from samedge.validation.gate import GateSet
+
+    validation = [s for s in real_slices if s.name in ("CT_small.dcm", "MR_small.dcm")]
+    calib = CalibrationSet(slices=[s for s in real_slices if s.name == "693_J2KI.dcm"],
+                           count=2, augment=False)
+    result = build_variants(bundle_copy, "bf16", "onnxruntime", ("decoder",), calib, validation,
+                            PromptPolicy(), search=SearchOptions(method="none"),
+                            card=litemedsam_card, threads=2, report=False)
+    assert [c.label() for c in result.added] == ["decoder onnx bf16"], result.lines()
+    bundle = Bundle(bundle_copy)
+    artifact = bundle.find("decoder", "onnxruntime", "bf16")
+    assert artifact["entry"] == "decoder_bf16.onnx"
+    assert artifact["cpu_stand_in"] == "decoder_bf16_cpu_stand_in.onnx"
+    assert artifact["cpu_stand_in"] in artifact["files"]
+    entry = artifact["validation"]["onnxruntime"]
+    assert entry["gate"]["passed"] and entry["measured_with"]["decoder"] == "bf16"
+    conversion = artifact["conversion"]
+    assert conversion["bf16_units"] > 20 and conversion["fp32_reasons"]["residual add"] > 0
+    onnx.checker.check_model(onnx.load(str(bundle.entry_path(artifact))), full_check=True)
+
+    # TensorRT 10.3 (fake): the engine is built from the BF16 graph with precision bf16; the
+    # stand-in plays the engine on ONNX Runtime so the measuring and committing logic runs
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make("10.3.0"))
+    built = []
+
+    def build(onnx_path, engine_path, graph_inputs, precision, options, depth):
+        built.append((onnx_path.name, precision))
+        source = onnx_path.with_name(onnx_path.stem + "_cpu_stand_in.onnx")
+        shutil.copy(source if source.exists() else onnx_path, engine_path)
+        sidecar = engine_path.with_suffix(".json")
+        sidecar.write_text(json.dumps({"tensorrt_version": "10.3.0", "precision": precision}))
+        return [engine_path, sidecar]
+
+    monkeypatch.setattr(engines, "build_engine", build)
+    monkeypatch.setattr(engines, "open_backend",
+                        lambda name, path, threads=None: OnnxRuntimeBackend(path, threads))
+    result = build_variants(bundle_copy, "bf16", "tensorrt", ("decoder",), validation=validation,
+                            card=litemedsam_card, gates=GateSet(), report=False)
+    assert built[0] == ("decoder_bf16.onnx", "bf16")
+    assert "decoder tensorrt_engine bf16" in [c.label() for c in result.added]
+    engine = Bundle(bundle_copy).find("decoder", "tensorrt", "bf16")
+    assert engine["built_from"] == "decoder_bf16.onnx"
+    assert engine["validation"]["tensorrt"]["gate"]["passed"]

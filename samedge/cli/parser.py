@@ -72,15 +72,17 @@ def _add_quantization_commands(sub, options: FamilyOptions) -> None:
                    help="modality of files that do not record it (CT: HU windowing)")
     p.set_defaults(func=cmd_calibrate, strict_exit=True)
 
-    p = sub.add_parser("build", help="add INT8/FP16 variants to a bundle; only variants that "
-                                     "pass their accuracy gate are kept")
+    p = sub.add_parser("build", help="add INT8/FP16/BF16 variants to a bundle; only variants "
+                                     "that pass their accuracy gate are kept")
     p.add_argument("bundle", type=Path)
     p.add_argument("--backend", required=True, choices=("openvino", "onnxruntime", "tensorrt"),
-                   help="openvino: NNCF INT8 / FP16 IR; onnxruntime: Q/DQ INT8 / mixed FP16 "
-                        "ONNX (the graphs TensorRT consumes); tensorrt: engines (needs TensorRT)")
+                   help="openvino: NNCF INT8 / FP16 / BF16 IR; onnxruntime: Q/DQ INT8 / mixed "
+                        "FP16 / mixed BF16 ONNX (the graphs TensorRT consumes; BF16 measured "
+                        "through its FP32 stand-in); tensorrt: engines (needs TensorRT)")
     p.add_argument("--precision", required=True, choices=("int8", "fp16", "bf16", "int8-bf16"),
-                   help="bf16 / int8-bf16 (OpenVINO, an INT8 IR's float parts in BF16): built "
-                        "only on CPUs with AMX-BF16 or AVX512-BF16, which compute it")
+                   help="bf16 on OpenVINO and int8-bf16 (an INT8 IR's float parts in BF16): "
+                        "built only on CPUs with AMX-BF16 or AVX512-BF16, which compute it; "
+                        "bf16 ONNX/TensorRT (Ampere and later, TensorRT 10+): on any machine")
     p.add_argument("--graphs", default="encoder,decoder", help="encoder, decoder or both")
     p.add_argument("--search", default="search", choices=("search", "nncf", "none"),
                    help="accuracy control for INT8: samedge's search (rank ops by INT8 error, "
