@@ -96,10 +96,13 @@ class OnnxBf16:
         """Every node that computes in FP32 when the units ``bf16`` run BF16, with why: all but
         those units' members, so nothing the search did not choose leaves FP32."""
         chosen = {member for name in bf16 for member in self.units[name].members}
+        searched = {member for unit in self.units.values() for member in unit.members}
         reasons = {}
         for node in self.model.graph.node:
             if node.name not in chosen:
-                reasons[node.name] = self.fixed.get(node.name, "kept FP32 by the accuracy search")
+                reasons[node.name] = self.fixed.get(node.name, (
+                    "kept FP32 by the accuracy search" if node.name in searched
+                    else "in no searched unit"))
         return reasons
 
     def graph(self, bf16: Collection[str]):

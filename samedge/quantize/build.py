@@ -145,7 +145,8 @@ def build_variants(
     nncf_config = nncf_config or NncfConfig()
     calibration = calibration or calibration_from_manifest(bundle.manifest)
     policy = prompts or PromptPolicy(clicks=bundle.model.get("prompt") == "points")
-    validation = list(validation) if validation is not None else read_items(None, int(bundle.model.get("depth", 1)))
+    validation = list(validation) if validation is not None else \
+        read_items(None, int(bundle.model.get("depth", 1)))
     measure_backend = backend_for(fmt)
     timings: dict[str, float] = {}
 

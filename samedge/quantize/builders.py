@@ -9,6 +9,7 @@ from pathlib import Path
 
 from samedge.errors import SamedgeError
 from samedge.progress import Steps
+from samedge.quantize.bf16_onnx import stand_in
 from samedge.quantize.calibset import Feeds
 from samedge.quantize.candidates import (
     Candidate,
@@ -17,7 +18,6 @@ from samedge.quantize.candidates import (
     nncf_accuracy_control,
     run_search,
 )
-from samedge.quantize.bf16_onnx import stand_in
 from samedge.quantize.fp16 import convert_fp16
 from samedge.quantize.onnx_qdq import (
     OnnxMixed,

@@ -321,7 +321,7 @@ def run_search(units, realize, probe: CandidateProbe, proxy, options: SearchOpti
     """Rank + bisect (+ time the passing splits on ``timing_feed`` when given); returns
     (model, SearchResult)."""
     t0 = time.perf_counter()
-    with steps.step(f"{label}: rank {len(units)} quantized units by their INT8 error alone"):
+    with steps.step(f"{label}: rank {len(units)} units by their error alone in reduced precision"):
         sensitivity = rank_units(list(units), realize, proxy, steps)
     ranking = time.perf_counter() - t0
     target = options.target

@@ -153,8 +153,9 @@ def mixed_fp16(model, keep_nodes: Collection[str], keep_ops: Sequence[str] = FP1
 def _drop_round_trips(model) -> None:
     """The converter passes a tensor between two FP32-kept nodes through FP16 and back (a
     residual Add feeding its LayerNorm, the graph input reaching a residual Add): FP32 nodes
-    read the FP32 tensor instead. A Cast back to FLOAT of a Cast to FP16 of an FP32 tensor becomes
-    an Identity of that tensor; the first Cast goes when nothing else reads it."""
+    read the FP32 tensor instead. Readers of a Cast back to FLOAT of a Cast to FP16 of an FP32
+    tensor read that tensor (an Identity where the Cast's output is a graph output); Casts
+    nothing reads any more go."""
     import onnx
 
     FLOAT, low = onnx.TensorProto.FLOAT, (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
@@ -162,24 +163,41 @@ def _drop_round_trips(model) -> None:
     types = {v.name: v.type.tensor_type.elem_type
              for v in (*graph.value_info, *graph.input, *graph.output)}
     types.update({t.name: t.data_type for t in graph.initializer})
+    outputs = {o.name for o in model.graph.output}
 
     def cast_to(node):
         return next((a.i for a in node.attribute if a.name == "to"), None) \
             if node.op_type == "Cast" else None
 
     producers = {out: node for node in model.graph.node for out in node.output}
+    renamed: dict[str, str] = {}
     for node in model.graph.node:
         source = producers.get(node.input[0]) if node.input else None
         if cast_to(node) == FLOAT and source is not None and cast_to(source) in low \
                 and types.get(source.input[0]) == FLOAT:
-            node.op_type = "Identity"
-            del node.attribute[:]
-            node.input[0] = source.input[0]
-    read = {name for node in model.graph.node for name in node.input}
-    read |= {o.name for o in model.graph.output}
-    kept = [n for n in model.graph.node if not (cast_to(n) in low and n.output[0] not in read)]
+            if node.output[0] in outputs:
+                node.op_type = "Identity"
+                del node.attribute[:]
+                node.input[0] = source.input[0]
+            else:
+                renamed[node.output[0]] = source.input[0]
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            if name in renamed:
+                node.input[index] = renamed[name]
+    nodes = list(model.graph.node)
+    while True:  # a dropped Cast back may leave its Cast to FP16 unread
+        read = {name for node in nodes for name in node.input} | outputs
+        kept = [n for n in nodes if n.op_type != "Cast" or n.output[0] in read]
+        if len(kept) == len(nodes):
+            break
+        nodes = kept
     del model.graph.node[:]
-    model.graph.node.extend(kept)
+    model.graph.node.extend(nodes)
+    produced = {name for node in nodes for name in node.output}
+    infos = [v for v in model.graph.value_info if v.name in produced]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(infos)
 
 
 def _sort_topologically(graph) -> None:
