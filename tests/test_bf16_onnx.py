@@ -224,6 +224,7 @@ def test_runtime_runs_the_stand_in_and_verifies_it(bundle_copy, decoder_bf16, re
                               decoder_precision=precision)
         predictor.set_image(image)
         masks[precision] = predictor.predict(boxes=box).masks[0, 0]
+        assert ("stand-in" in predictor.choice.why) == (precision == "bf16")
     overlap = np.logical_and(masks["fp32"], masks["bf16"]).sum()
     assert masks["fp32"].sum() > 100
     assert 2 * overlap / (masks["fp32"].sum() + masks["bf16"].sum()) > 0.95

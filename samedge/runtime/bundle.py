@@ -40,8 +40,17 @@ NATIVE_FORMAT = {backend: formats[0] for backend, formats in BACKEND_FORMATS.ite
 def backend_for(fmt: str) -> str:
     """The backend that runs an artifact of format ``fmt`` natively (ONNX: ONNX Runtime)."""
     return next(b for b, native in NATIVE_FORMAT.items() if native == fmt)
+
+
 # An artifact's file that CPU backends run instead of its entry (samedge.quantize.bf16_onnx).
 STAND_IN = "cpu_stand_in"
+
+
+def runs_stand_in(artifact: dict, backend: str) -> bool:
+    """Whether ``backend`` runs the artifact's CPU stand-in rather than its entry."""
+    return bool(artifact.get(STAND_IN)) and backend in ("onnxruntime", "openvino")
+
+
 # Files a backend opens beside an artifact's entry by name alone: they must be hashed too.
 COMPANIONS = {"openvino_ir": ".bin", "tensorrt_engine": ".json"}
 
@@ -240,6 +249,6 @@ class Bundle:
     def run_path(self, artifact: dict, backend: str) -> Path:
         """The file ``backend`` opens for an artifact: its entry, or, for a graph no CPU backend
         computes (BF16 ONNX, TensorRT's), the stand-in that computes the same values in FP32."""
-        if artifact.get(STAND_IN) and backend in ("onnxruntime", "openvino"):
+        if runs_stand_in(artifact, backend):
             return self.file(artifact[STAND_IN])
         return self.entry_path(artifact)

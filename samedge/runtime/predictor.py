@@ -9,14 +9,14 @@ each backend runs one call at a time (see README, Robustness).
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from samedge.errors import PromptError, StackDepthError
 from samedge.runtime.backends import open_backend
-from samedge.runtime.bundle import Bundle
+from samedge.runtime.bundle import Bundle, runs_stand_in
 from samedge.runtime.intensity import WindowArg
 from samedge.runtime.postprocess import mask_scores, prompt_masks, semantic_maps
 from samedge.runtime.prompts import checked_prompt
@@ -104,6 +104,12 @@ class Predictor:
         self.multimask_default = bool(self.bundle.model.get("multimask_default", False))
         encoder = self.bundle.find("encoder", backend, precision)
         decoder = self.bundle.find("decoder", backend, decoder_precision or precision)
+        emulated = [a["graph"] for a in (encoder, decoder) if runs_stand_in(a, backend)]
+        if emulated:
+            self.choice = replace(self.choice, why=(
+                f"{self.choice.why}; the {' and '.join(emulated)} run{'s' * (len(emulated) == 1)}"
+                " the FP32 stand-in of TensorRT's BF16 graph (BF16 rounding emulated, as "
+                "validated; no faster than FP32 here)"))
         self.encoder = open_backend(backend, self.bundle.run_path(encoder, backend), threads,
                                     **runtime_options(encoder))
         self.decoder = open_backend(backend, self.bundle.run_path(decoder, backend), threads,
