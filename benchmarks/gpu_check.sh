@@ -7,7 +7,8 @@
 #                                           # PYTHON=... picks the interpreter (default python3)
 #
 # 1. samedge doctor: the Quickstart (LiteMedSAM) bundle against the installed TensorRT's parser
-# 2. FP16 and INT8 engines (samedge build --backend tensorrt): each engine measured and gated itself
+# 2. FP16, INT8 and (compute capability 8.0+) BF16 engines (samedge build --backend tensorrt):
+#    each engine measured and gated itself
 # 3. samedge validate --backend tensorrt: every engine pair re-measured on this GPU
 # 4. latency of the engines vs PyTorch eager on the same GPU (benchmarks/tensorrt_latency.py)
 # 5. the gpu-marked tests (builder, runtime, validate)
@@ -39,7 +40,11 @@ fi
 step "samedge doctor"
 samedge doctor "$BUNDLE"; record $(( $? ? 2 : 0 ))
 
-for precision in fp16 int8; do
+precisions="fp16 int8"
+capability=$("$PY" -c "from samedge.runtime.backends.trt_compat import gpu_compute_capability as c; print(c() or '')")
+if [ "${capability%%.*}" -ge 8 ] 2>/dev/null; then precisions="$precisions bf16"
+else echo "(compute capability ${capability:-unknown}: no BF16 tensor cores, BF16 skipped)"; fi
+for precision in $precisions; do
   step "samedge build --backend tensorrt --precision $precision"
   samedge build "$BUNDLE" --backend tensorrt --precision "$precision" --no-layer-errors
   record $?

@@ -75,6 +75,30 @@ def test_builder_builds_int8_engines_each_measured(engine_bundle, litemedsam_car
         assert candidate.kept == (candidate in result.added)
 
 
+def test_builder_builds_bf16_engines_from_the_searched_bf16_graph(engine_bundle, litemedsam_card,
+                                                                  validation):
+    """BF16 (Ampere and later): the graph searched through its CPU stand-in, then the engine,
+    which is measured again on this GPU: the stand-in's verdict is not inherited."""
+    from samedge.export.tensorrt import BF16_MIN_CAPABILITY
+    from samedge.quantize.build import build_variants
+    from samedge.quantize.candidates import SearchOptions
+
+    capability = gpu_compute_capability()
+    if tuple(int(p) for p in capability.split(".")[:2]) < BF16_MIN_CAPABILITY:
+        pytest.skip(f"compute capability {capability} has no BF16 tensor cores")
+    path, _ = engine_bundle
+    result = build_variants(path, "bf16", "tensorrt", ("decoder",), card=litemedsam_card,
+                            validation=validation, search=SearchOptions(max_evaluations=6),
+                            report=False, layer_errors=False)
+    engines = [c for c in result.added + result.rejected if c.fmt == "tensorrt_engine"]
+    assert engines, result.lines()
+    for candidate in engines:
+        assert candidate.error is None, candidate.error
+        assert candidate.drift is not None
+        if candidate.precision == "bf16":
+            assert candidate.meta["built_from"] == "decoder_bf16.onnx"
+
+
 def test_runtime_runs_engines_and_splits_prompt_batches(engine_bundle, real_slices):
     from samedge.data.prompts import auto_boxes
     from samedge.runtime.predictor import Predictor
