@@ -59,12 +59,13 @@ def test_builder_builds_fp16_engines_that_earn_their_gate(engine_bundle):
             assert artifact["validation_combined"]["gate"]["passed"]
 
 
-def test_builder_builds_int8_engines_each_measured(engine_bundle, litemedsam_card, validation):
+def _searched_decoder_engines(path, precision, card, validation) -> list:
+    """``build --backend tensorrt`` of the decoder at ``precision`` (its ONNX graph searched
+    first); every engine must have been built and measured itself, whatever its verdict."""
     from samedge.quantize.build import build_variants
     from samedge.quantize.candidates import SearchOptions
 
-    path, _ = engine_bundle
-    result = build_variants(path, "int8", "tensorrt", ("decoder",), card=litemedsam_card,
+    result = build_variants(path, precision, "tensorrt", ("decoder",), card=card,
                             validation=validation, search=SearchOptions(max_evaluations=6),
                             report=False, layer_errors=False)
     engines = [c for c in result.added + result.rejected if c.fmt == "tensorrt_engine"]
@@ -72,7 +73,13 @@ def test_builder_builds_int8_engines_each_measured(engine_bundle, litemedsam_car
     for candidate in engines:
         assert candidate.error is None, candidate.error
         assert candidate.drift is not None  # measured itself, whatever the verdict
-        assert candidate.kept == (candidate in result.added)
+        if candidate.precision == precision:  # an FP32 partner engine carries no gate
+            assert candidate.kept == (candidate in result.added)
+    return engines
+
+
+def test_builder_builds_int8_engines_each_measured(engine_bundle, litemedsam_card, validation):
+    _searched_decoder_engines(engine_bundle[0], "int8", litemedsam_card, validation)
 
 
 def test_builder_builds_bf16_engines_from_the_searched_bf16_graph(engine_bundle, litemedsam_card,
@@ -80,23 +87,13 @@ def test_builder_builds_bf16_engines_from_the_searched_bf16_graph(engine_bundle,
     """BF16 (Ampere and later): the graph searched through its CPU stand-in, then the engine,
     which is measured again on this GPU: the stand-in's verdict is not inherited."""
     from samedge.export.tensorrt import BF16_MIN_CAPABILITY
-    from samedge.quantize.build import build_variants
-    from samedge.quantize.candidates import SearchOptions
 
     capability = gpu_compute_capability()
     if tuple(int(p) for p in capability.split(".")[:2]) < BF16_MIN_CAPABILITY:
         pytest.skip(f"compute capability {capability} has no BF16 tensor cores")
-    path, _ = engine_bundle
-    result = build_variants(path, "bf16", "tensorrt", ("decoder",), card=litemedsam_card,
-                            validation=validation, search=SearchOptions(max_evaluations=6),
-                            report=False, layer_errors=False)
-    engines = [c for c in result.added + result.rejected if c.fmt == "tensorrt_engine"]
-    assert engines, result.lines()
-    for candidate in engines:
-        assert candidate.error is None, candidate.error
-        assert candidate.drift is not None
-        if candidate.precision == "bf16":
-            assert candidate.meta["built_from"] == "decoder_bf16.onnx"
+    engines = _searched_decoder_engines(engine_bundle[0], "bf16", litemedsam_card, validation)
+    assert [c.meta["built_from"] for c in engines if c.precision == "bf16"] == [
+        "decoder_bf16.onnx"]
 
 
 def test_runtime_runs_engines_and_splits_prompt_batches(engine_bundle, real_slices):
