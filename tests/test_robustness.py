@@ -212,11 +212,13 @@ def test_upgrade_refuses_a_format_1_bundle_with_a_changed_file(bundle_copy):
 # -- item 4: exports never delete what they did not write ---------------------------------------
 def _no_model(monkeypatch):
     import samedge.models
+    import samedge.pipeline.run  # imported now, so it never keeps the stand-in below
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was built before the output folder was checked")
 
     monkeypatch.setattr(samedge.models, "build_model", refuse)
+    monkeypatch.setattr(samedge.pipeline.run, "build_model", refuse)
 
 
 def test_export_refuses_a_folder_with_a_foreign_manifest_before_building(tmp_path, monkeypatch,
