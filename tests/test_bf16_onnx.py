@@ -298,3 +298,12 @@ def test_build_bf16_onnx_then_tensorrt_engines_from_the_bf16_graph(
     engine = Bundle(bundle_copy).find("decoder", "tensorrt", "bf16")
     assert engine["built_from"] == "decoder_bf16.onnx"
     assert engine["validation"]["tensorrt"]["gate"]["passed"]
+
+
+def test_cli_refuses_int8_bf16_on_onnx_before_any_work(litemedsam_bundle, capsys):
+    from samedge.cli import main
+
+    assert main(["build", str(litemedsam_bundle), "--backend", "onnxruntime",
+                 "--precision", "int8-bf16"]) == 2
+    out = capsys.readouterr()
+    assert "OpenVINO only" in out.err and "calibrating" not in out.out + out.err

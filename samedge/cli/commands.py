@@ -331,6 +331,7 @@ def cmd_build(args, steps) -> int:
     from samedge.quantize.build import (
         build_variants,
         calibration_from_manifest,
+        check_request,
         require_tensorrt,
     )
     from samedge.quantize.candidates import SearchOptions
@@ -338,6 +339,7 @@ def cmd_build(args, steps) -> int:
 
     graphs = _parse_graphs(args.graphs)
     gates = _gates(args, args.precision)
+    check_request(args.precision, args.backend)
     if args.backend == "tensorrt":  # before any slow work
         require_tensorrt(args.precision)
     bundle = Bundle(args.bundle)

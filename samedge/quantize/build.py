@@ -70,6 +70,18 @@ BACKENDS = (*TARGETS, "tensorrt")
 # -------------------------------------------------------------------------------------------------
 # The build
 # -------------------------------------------------------------------------------------------------
+def check_request(precision: str, backend: str) -> None:
+    """Refuse a precision/backend pair this version does not build, before any work."""
+    if precision not in PRECISIONS:
+        raise SamedgeError(f"precision {precision!r} is not built here", hint=f"use {PRECISIONS}")
+    if backend not in BACKENDS:
+        raise SamedgeError(f"unknown backend {backend!r}", hint=f"use one of {sorted(BACKENDS)}")
+    if precision not in TARGETS.get(backend, TARGETS["onnxruntime"]):
+        raise SamedgeError(f"{precision} is built for OpenVINO only",
+                           hint="its float parts run under OpenVINO's bf16 hint; TensorRT and "
+                                "ONNX Runtime take --precision bf16 or int8")
+
+
 def calibration_from_manifest(manifest: dict) -> CalibrationSet:
     """The calibration set recorded by ``calibrate_bundle`` (bundled real slices if none)."""
     spec = manifest.get("calibration") or {}
@@ -107,14 +119,7 @@ def build_variants(
     """
     steps = steps or Steps(quiet=True)
     started = time.perf_counter()
-    if precision not in PRECISIONS:
-        raise SamedgeError(f"precision {precision!r} is not built here", hint=f"use {PRECISIONS}")
-    if backend not in BACKENDS:
-        raise SamedgeError(f"unknown backend {backend!r}", hint=f"use one of {sorted(BACKENDS)}")
-    if precision not in TARGETS.get(backend, TARGETS["onnxruntime"]):
-        raise SamedgeError(f"{precision} is built for OpenVINO only",
-                           hint="its float parts run under OpenVINO's bf16 hint; TensorRT and "
-                                "ONNX Runtime take --precision bf16 or int8")
+    check_request(precision, backend)
     unknown = [g for g in graphs if g not in GRAPHS]
     if unknown or not graphs:
         raise SamedgeError(f"unknown graph(s) {', '.join(unknown) or '(none)'}",
