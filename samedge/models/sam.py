@@ -101,6 +101,17 @@ def resolve_config(variant: str, config: SamConfig | None) -> SamConfig:
     return SAM_VARIANTS[variant]
 
 
+def _modules(config: SamConfig, checkpoint: str | Path | None) -> torch.nn.Module:
+    """SAM's modules; without a checkpoint built under a fixed seed, since construction draws
+    random numbers (Conv init, the prompt encoder's Gaussian matrix) that would otherwise depend
+    on whatever ran before in the process. The caller's random state is left as it was."""
+    if checkpoint is not None:
+        return sam_modules(config)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return sam_modules(config)
+
+
 def _load(model: torch.nn.Module, checkpoint: str | Path | None, family: str) -> dict:
     """Load weights (or seed random ones) and return the manifest's checkpoint record."""
     if checkpoint is None:
@@ -137,7 +148,7 @@ def build_sam(
     """Meta's SAM: ResizeLongestSide (PIL bilinear), mean/std in 0–255, pad, multimask output."""
     record_config = config
     config = resolve_config(variant, config)
-    model = sam_modules(config)
+    model = _modules(config, checkpoint)
     record = _load(model, checkpoint, f"SAM {variant}")
     if record_config is not None:
         record["config"] = asdict(config)
@@ -153,7 +164,7 @@ def build_medsam(checkpoint: str | Path | None = None, config: SamConfig | None 
 
     """
     config = replace(resolve_config("vit_b", config))
-    model = sam_modules(config)
+    model = _modules(config, checkpoint)
     record = _load(model, checkpoint, "MedSAM (SAM ViT-B)")
     model.eval()
     pre = medsam_preprocessing(config)
