@@ -182,8 +182,7 @@ def stand_in(bf16_model):
             tensor.CopyFrom(numpy_helper.from_array(_bf16_array(tensor), tensor.name))
     nodes = []
     for node in graph.node:
-        rounds = [name for name in node.output if name in bf16_tensors or
-                  (name and node.op_type == "Cast" and _cast_to(node) == b16)]
+        rounds = [name for name in node.output if name in bf16_tensors]
         for attribute in node.attribute:
             if attribute.name in ("to", "dtype") and attribute.i == b16:
                 attribute.i = f32
@@ -210,7 +209,3 @@ def _bf16_array(tensor) -> np.ndarray:
     bits = np.frombuffer(tensor.raw_data, dtype=np.uint16) if tensor.raw_data else \
         np.asarray(tensor.int32_data, dtype=np.uint16)
     return (bits.astype(np.uint32) << 16).view(np.float32).reshape(tuple(tensor.dims))
-
-
-def _cast_to(node) -> int | None:
-    return next((a.i for a in node.attribute if a.name == "to"), None)
