@@ -106,11 +106,12 @@ def low_precision_ops(model) -> dict[str, Counter]:
     parser's matrix lists per op which types it imports."""
     import onnx
 
-    graph = onnx.shape_inference.infer_shapes(model).graph
-    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.output)}
+    from samedge.export.tensorrt import tensor_types
+
+    types = tensor_types(model)
     found: dict[str, Counter] = {}
     for code in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
-        ops = Counter(node.op_type for node in graph.node
+        ops = Counter(node.op_type for node in model.graph.node
                       if any(types.get(out) == code for out in node.output))
         if ops:
             found[ONNX_TYPES[code]] = ops

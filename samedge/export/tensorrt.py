@@ -154,17 +154,26 @@ def check_bf16(version: str, capability: str | None) -> None:
                 "Blackwell; Jetson Orin)", hint="use --precision fp16 on this GPU")
 
 
+def tensor_types(model) -> dict[str, int]:
+    """Every tensor's ONNX element type (graph inputs, outputs, initializers, and intermediate
+    tensors once ONNX's type inference has run): what precision a mixed graph holds where."""
+    import onnx
+
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*graph.value_info, *graph.input, *graph.output)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return types
+
+
 def fp32_nodes(model) -> list[str]:
     """Nodes of a mixed FP16 ONNX graph that compute in FP32: those (besides Casts and the
     Identities that replace FP16 round trips) with an FP32 output once ONNX's type inference has
     run, i.e. the nodes the FP16 conversion kept in FP32."""
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(model)
-    graph = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in (*graph.value_info, *graph.input, *graph.output)}
-    return [node.name for node in graph.node if node.op_type not in ("Cast", "Identity")
+    types = tensor_types(model)
+    return [node.name for node in model.graph.node if node.op_type not in ("Cast", "Identity")
             and any(types.get(out) == onnx.TensorProto.FLOAT for out in node.output)]
 
 

@@ -13,6 +13,7 @@ from typing import Any, Collection, Iterable, Sequence
 
 import numpy as np
 
+from samedge.export.tensorrt import tensor_types
 from samedge.quantize.onnx_qdq import initializers
 
 # -- FP16 -----------------------------------------------------------------------------------------
@@ -159,10 +160,7 @@ def _drop_round_trips(model) -> None:
     import onnx
 
     FLOAT, low = onnx.TensorProto.FLOAT, (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-    graph = onnx.shape_inference.infer_shapes(model).graph
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in (*graph.value_info, *graph.input, *graph.output)}
-    types.update({t.name: t.data_type for t in graph.initializer})
+    types = tensor_types(model)
     outputs = {o.name for o in model.graph.output}
 
     def cast_to(node):
