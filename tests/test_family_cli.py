@@ -27,7 +27,7 @@ from PIL import Image
 from pydicom.uid import generate_uid
 
 from samedge.cli import main
-from samedge.data.bundled import bundled_slices, bundled_volume
+from samedge.data.bundled import bundled_slices, bundled_volume, held_out_stacks
 from samedge.data.dicom import read_dicom_series
 from samedge.data.nifti import read_nifti
 from samedge.data.open import load_image
@@ -143,6 +143,7 @@ def test_pipeline_masam_runs_on_stacks_of_a_volume(pipelines):
     assert "on 2 real stacks of 3 adjacent slices" in report
     assert "(3 sl.)" in report and "encoder / stack" in report
     assert len(re.findall(r"openvino", report)) >= 2  # fp32 and fp16 rows
+    assert "no held-out check: your --validation-data" in " ".join(report.split())
 
 
 def test_pipeline_medsa_3d_decodes_prompts_on_stacks(pipelines):
@@ -151,6 +152,10 @@ def test_pipeline_medsa_3d_decodes_prompts_on_stacks(pipelines):
     assert len(validation["stacks"]) == 3 and validation["dice_min"] >= 0.99
     assert "stacks of 4 adjacent slices (5 boxes + 5 clicks on each stack's centre" in report
     assert re.search(r"onnxruntime .* fp32 .* ms .* ms .* ms .* 1\.0000", report)
+    # the last step measures stacks no earlier step read (the anatomical volume, a mid EPI stack)
+    assert "held-out check: every variant in the bundle" in " ".join(report.split())
+    run = json.loads((bundle.parent / "medsa3d-validation" / "validation.json").read_text())
+    assert run["slices"] == [stack[len(stack) // 2].name for stack in held_out_stacks(MEDSA_DEPTH)]
 
 
 # -- export --------------------------------------------------------------------------------------

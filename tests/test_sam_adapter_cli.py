@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from samedge.cli import main
-from samedge.data.bundled import bundled_slices, pipeline_validation_slices
+from samedge.data.bundled import bundled_slices, held_out_slices, pipeline_validation_slices
 from samedge.data.open import load_image
 from samedge.models import build_model
 from samedge.models.reference import TorchReference
@@ -85,6 +85,11 @@ def test_pipeline_gates_label_maps_and_every_precision(pipeline):
     report = " ".join(report.split())  # rich wraps long lines
     count = len(pipeline_validation_slices())
     assert f"label maps (argmax) on {count} real slices" in report and "default variant:" in report
+    # last, every variant left in the bundle is gated on slices no earlier step read
+    assert "held-out check: every variant in the bundle" in report
+    run = json.loads((bundle.parent / "bundle-validation" / "validation.json").read_text())
+    assert run["slices"] == [s.name for s in held_out_slices()]
+    assert run["passed"]
 
 
 def test_predict_thresholds_a_colour_image_like_upstream(pipeline, card, tmp_path):

@@ -39,12 +39,26 @@ def cmd_pipeline(args, steps) -> int:
 
     result = run_pipeline(args.family, args.out, args.backends.split(","), threads=args.threads,
                           steps=steps, validation_data=args.validation_data or None,
-                          int8=not args.no_int8, **_model_options(args))
+                          int8=not args.no_int8, held_out_data=args.held_out_data or None,
+                          **_model_options(args))
     print_bundle(result.manifest, args.out)
     console.print(pipeline_table(result))
     if result.quantization is not None:
         print_quantization(result.quantization)
-    return 0
+    held = result.held_out
+    if held is None:
+        console.print(escape(result.held_out_note))
+        return 0
+    where = ("held-out real slices no step above read" if not args.held_out_data
+             else ", ".join(map(str, args.held_out_data)))
+    console.print(validation_table(held, escape(
+        f"held-out check: every variant in the bundle vs FP32 PyTorch on {len(held.slices)} "
+        f"{where}")))
+    console.print(escape(f"held-out report: {held.report / 'report.html'}"))
+    if not held.passed:
+        Console(stderr=True).print(f"[red]held-out gate failed:[/] {escape(', '.join(held.failed))}"
+                                   " passed on the pipeline's slices but not on new ones (exit 1)")
+    return held.exit_code
 
 
 def cmd_export(args, steps) -> int:
@@ -405,15 +419,14 @@ def cmd_validate(args, steps) -> int:
                                  threads=args.threads, steps=steps,
                                  backends=args.backend.split(",") if args.backend else None,
                                  **options)
-    data = "bundled real slices" if not args.data else ", ".join(map(str, args.data))
+    data = (f"{len(result.slices)} held-out real slices no pipeline step reads" if not args.data
+            else ", ".join(map(str, args.data)))
     console.print(validation_table(result, escape(
         f"samedge validate: every variant vs the FP32 PyTorch model on {data} "
         f"(prompts: {args.prompts})")))
     console.print(escape(f"report: {result.report / 'report.html'} "
                          f"(and {result.report / 'report.md'})"))
     if not result.passed:
-        failed = [label for label, v in result.variants.items()
-                  if "gate" in v and not v["gate"]["passed"]]
-        Console(stderr=True).print(f"[red]gate failed:[/] {escape(', '.join(failed))} drifted "
-                                   "beyond the gate (exit 1)")
+        Console(stderr=True).print(f"[red]gate failed:[/] {escape(', '.join(result.failed))} "
+                                   "drifted beyond the gate (exit 1)")
     return result.exit_code

@@ -127,7 +127,9 @@ def _add_quantization_commands(sub, options: FamilyOptions) -> None:
                                         "PyTorch; exit 1 when a gate fails")
     p.add_argument("bundle", type=Path)
     p.add_argument("--data", nargs="+", type=Path, default=None, metavar="PATH",
-                   help="held-out slices (default: the bundled real slices)")
+                   help="held-out slices (default: bundled real MR slices that no step of "
+                        "`samedge pipeline` reads: a TOF angiography MIP and EPI/anatomical "
+                        "slices between the pipeline's)")
     p.add_argument("--window", default=None, help="CT window: ct-abdomen, lung, bone, brain, L,W")
     p.add_argument("--count", type=int, default=100, help="slices at most (default 100)")
     p.add_argument("--prompts", default="auto", metavar="auto|boxes-from-masks|FILE",
@@ -189,6 +191,11 @@ def build_parser(options: FamilyOptions = ()) -> argparse.ArgumentParser:
                    help="images/DICOM/NIfTI to validate and time on; depth models take volumes "
                         "(DICOM series folder, NIfTI): two stacks of D slices each (default: the "
                         "bundled real slices, or stacks of the bundled MR volume)")
+    p.add_argument("--held-out-data", nargs="*", type=Path, default=(),
+                   help="slices (volumes for depth models) of other patients, read by no other "
+                        "step, on which every variant left in the bundle is gated last (default: "
+                        "with the default validation data, bundled real MR slices no step reads; "
+                        "exit 1 when a gate fails there)")
     p.add_argument("--no-int8", action="store_true",
                    help="skip the INT8 calibration and accuracy search (about 3½ of the "
                         "pipeline's minutes on 2 cores); FP16 is still gated")

@@ -113,6 +113,52 @@ def pipeline_validation_slices() -> list[Slice]:
     return slices
 
 
+# Held out from every step of `samedge pipeline` (export check, calibration, tuning, validation,
+# timing), for `samedge validate` to measure a bundle on data its gates never saw. 2-D models: a
+# subject no step reads (nibabel's Siemens TOF angiography MIP, 384²) and the EPI and anatomical
+# slices between those the pipeline validates on (their subjects are validation subjects, so these
+# are held out by slice). Depth models: stacks of the anatomical volume (a subject the depth
+# pipeline never reads) and one EPI stack centred between the pipeline's stacks, sharing no slice
+# with them for depths up to 5 (MA-SAM's).
+HELD_OUT_DICOM = ("slicethickness_empty_string.dcm",)  # in nibabel/nicom/tests/data
+HELD_OUT_EPI_SLICES = (2, 6, 10, 14, 18, 22)
+HELD_OUT_ANATOMICAL_SLICES = (6, 9, 15, 18)
+HELD_OUT_EPI_CENTRES = (12,)
+HELD_OUT_ANATOMICAL_STACKS = 2
+
+
+def held_out_slices() -> list[Slice]:
+    """Real slices no pipeline step reads (``HELD_OUT_*``): 11 MR slices of three subjects."""
+    slices: list[Slice] = []
+    nicom = _package_dir("nibabel", "nicom", "tests", "data")
+    for name in HELD_OUT_DICOM if nicom is not None else ():
+        try:
+            slices.append(read_dicom(nicom / name))
+        except (ImageError, DataSourceError) as exc:
+            warnings.warn(f"skipping held-out {name}: {exc.args[0]}", stacklevel=2)
+    nifti = _package_dir("nibabel", "tests", "data")
+    if nifti is not None:
+        epi = read_nifti(nifti / "example4d.nii.gz")
+        anatomical = read_nifti(nifti / "anatomical.nii")
+        slices += [epi[z] for z in HELD_OUT_EPI_SLICES]
+        slices += [anatomical[z] for z in HELD_OUT_ANATOMICAL_SLICES]
+    if not slices:
+        raise DataSourceError("no held-out slices: nibabel is not installed", DATA_HINT)
+    return slices
+
+
+def held_out_stacks(depth: int) -> list[list[Slice]]:
+    """Stacks of ``depth`` adjacent slices no depth-model pipeline step reads (``HELD_OUT_*``)."""
+    nifti = _package_dir("nibabel", "tests", "data")
+    if nifti is None:
+        raise DataSourceError("held-out stacks need nibabel, which is not installed", DATA_HINT)
+    anatomical = read_nifti(nifti / "anatomical.nii", "MR")
+    centres = evenly_spaced(len(anatomical), HELD_OUT_ANATOMICAL_STACKS)
+    epi = bundled_volume()
+    return ([anatomical.stack(c, depth) for c in centres]
+            + [epi.stack(c, depth) for c in HELD_OUT_EPI_CENTRES])
+
+
 def bundled_calibration_paths() -> list[Path]:
     """Files for the default calibration set (held out from the bundled validation slices)."""
     paths = []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from samedge.data.bundled import bundled_slices, bundled_stacks
+from samedge.data.bundled import bundled_slices, bundled_stacks, held_out_slices, held_out_stacks
 from samedge.data.open import load_image, read_stacks
 from samedge.data.sampling import iter_calibration_slices
 from samedge.data.slices import Slice
@@ -33,13 +33,16 @@ DEFAULT_STACKS = 3  # stacks of the bundled MR volume when no data is given to a
 
 def read_items(paths: Iterable[str | Path] | None, depth: int = 1, count: int | None = None,
                window: Window | None = None, modality: str | None = None,
-               per_volume: int = 2) -> list[Item]:
-    """Validation items from ``paths``, or the bundled real data when ``paths`` is None.
+               per_volume: int = 2, held_out: bool = False) -> list[Item]:
+    """Validation items from ``paths``, or the bundled real data when ``paths`` is None: what
+    the pipeline validates on, or with ``held_out`` what no pipeline step reads.
 
     2-D models: with ``count`` None one slice per path (a volume's middle slice), else up to
     ``count`` slices spread over all sources. Depth models: ``per_volume`` stacks of ``depth``
     adjacent slices spread along each volume.
     """
+    if paths is None and held_out:
+        return held_out_stacks(depth) if depth > 1 else held_out_slices()
     if paths is None:
         return bundled_stacks(depth, DEFAULT_STACKS) if depth > 1 else bundled_slices()
     paths = list(paths)

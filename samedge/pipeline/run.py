@@ -63,6 +63,9 @@ class PipelineResult:
     depth: int = 1
     # PipelineQuantization: FP16 gate, INT8 variants, default variant (OpenVINO, every family)
     quantization: object | None = None
+    # ValidationResult of the last step: every variant gated on data no earlier step read
+    held_out: object | None = None
+    held_out_note: str = ""
 
 
 def variants_for(backends: Sequence[str]) -> list[tuple[str, str]]:
@@ -109,11 +112,15 @@ def run_pipeline(
     stacks: Sequence[Sequence[Slice]] | None = None,
     validation_data: Sequence[Path] | None = None,
     int8: bool = True,
+    held_out_data: Sequence[Path] | None = None,
     **model_options,
 ) -> PipelineResult:
     """``slices`` (2-D models) or ``stacks`` of D adjacent slices (depth models), or
     ``validation_data`` files read by :func:`samedge.data.items.read_items`; default: the bundled
-    real slices, or stacks of the bundled MR volume."""
+    real slices, or stacks of the bundled MR volume. Last, every variant left in the bundle is
+    gated on ``held_out_data`` (default, with the default validation data: the bundled slices
+    no step reads), so a gate tuned to the validation slices shows whether it holds elsewhere."""
+    own_data = validation_data or slices is not None or stacks is not None
     steps = steps or Steps(quiet=True)
     with steps.step(f"build {family} model"):
         card: ModelCard = build_model(family, **model_options)
@@ -164,6 +171,15 @@ def run_pipeline(
                                              threads=threads, steps=steps, measured=drift,
                                              int8=int8)
         manifest = quantization.manifest
+    held_out, note = None, ""
+    if held_out_data or not own_data:
+        from samedge.validation.validate import validate_bundle
+
+        held_out = validate_bundle(out, list(held_out_data) if held_out_data else None,
+                                   card=card, threads=threads, steps=steps, backends=backends)
+    else:
+        note = ("no held-out check: your --validation-data has no held-out counterpart here; "
+                "pass --held-out-data with slices of other patients")
     return PipelineResult(out, manifest, len(slices) * depth, drift, latency,
                           stacks=len(stacks) if depth > 1 else 0, depth=depth,
-                          quantization=quantization)
+                          quantization=quantization, held_out=held_out, held_out_note=note)

@@ -64,10 +64,6 @@ def fp16_instructions(flags: frozenset[str] | None = None) -> list[str]:
     return sorted((cpu_flags() if flags is None else flags) & FP16_FLAGS)
 
 
-# What each OpenVINO inference precision needs to pay off, as any one of these flags.
-HINT_FLAGS = {"bf16": BF16_FLAGS, "f16": FP16_FLAGS}
-
-
 def cpu_facts(flags: frozenset[str] | None = None) -> dict:
     """Name and the flags that decide reduced-precision speed, as recorded in manifests."""
     flags = cpu_flags() if flags is None else flags

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from samedge.data.items import Item, read_items
+from samedge.data.items import Item, centre, read_items
 from samedge.data.prompts import PromptPolicy
 from samedge.data.windows import Window, normalize_window
 from samedge.errors import BundleError, DataSourceError
@@ -25,10 +25,17 @@ class ValidationResult:
     passed: bool
     variants: dict[str, dict]
     report: Path | None
+    slices: list[str]  # what was measured: slice names (centre slices of depth stacks)
 
     @property
     def exit_code(self) -> int:
         return 0 if self.passed else 1
+
+    @property
+    def failed(self) -> list[str]:
+        """Labels of the variants whose gate failed."""
+        return [label for label, v in self.variants.items()
+                if "gate" in v and not v["gate"]["passed"]]
 
 
 def validate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None = None,
@@ -42,7 +49,8 @@ def validate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None =
 
     Re-measures every reduced-precision variant in the bundle (encoder and decoder artifacts of
     each backend/precision, measured together as the Predictor runs them) on the given data
-    against the FP32 PyTorch model, gates each, and writes the report. Exit code 0/1 via
+    against the FP32 PyTorch model, gates each, and writes the report; without ``data`` on the
+    bundled real slices that no pipeline step reads (``held_out_slices``). Exit code 0/1 via
     ``ValidationResult.exit_code``. The bundle is not modified. Depth models read ``data`` as
     volumes (two stacks of D adjacent slices each); semantic families are gated on their label
     maps' per-class Dice (no prompts). ``backends``: which backends' variants (default ONNX
@@ -71,7 +79,7 @@ def validate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None =
                           clicks=bundle.model.get("prompt") == "points")
     depth = int(bundle.model.get("depth", 1))
     if slices is None:
-        slices = read_items(data, depth, count, normalize_window(window))
+        slices = read_items(data, depth, count, normalize_window(window), held_out=True)
     if not slices:
         raise DataSourceError(f"no validation slices in {data}")
     reference = None
@@ -107,19 +115,22 @@ def validate_bundle(bundle_path: str | Path, data: Sequence[str | Path] | None =
     out = Path(report_dir) if report_dir else bundle_path.parent / f"{bundle_path.name}-validation"
     from samedge.validation.report import write_report
 
+    names_measured = [centre(item).name for item in slices]
     document = {"model": bundle.model, "artifacts": [], "validation_run": {
-        "data": [str(d) for d in data] if data else "bundled real slices", "prompts": prompts,
+        "data": [str(d) for d in data] if data else "held-out bundled real slices",
+        "slices": names_measured, "prompts": prompts,
         "variants": variants, "passed": passed}}
     write_report(out, bundle.manifest, extras={"validation_run": document["validation_run"]},
                  worst_cases=worst_cases)
-    return ValidationResult(passed, variants, out)
+    return ValidationResult(passed, variants, out, names_measured)
 
 
 def bundle_variants(bundle: Bundle, backends: Sequence[str] = ("onnxruntime", "openvino")
                     ) -> list[tuple[str, str, str]]:
     """(backend, encoder precision, decoder precision) the Predictor can run from this bundle:
     FP32, and per reduced precision every graph that has it (the other graph FP32) — so an INT8
-    encoder whose INT8 decoder was kept out is still validated, with the FP32 decoder. Reduced
+    encoder whose INT8 decoder was kept out is still validated, with the FP32 decoder — and,
+    where both graphs have it, each of them alone beside the other's FP32 as well. Reduced
     precisions count in the backend's own format; the FP32 partner may be any format it reads
     (OpenVINO runs an FP32 ONNX decoder beside an INT8 IR encoder; TensorRT only engines)."""
     from samedge.runtime.bundle import BACKEND_FORMATS
@@ -142,8 +153,10 @@ def bundle_variants(bundle: Bundle, backends: Sequence[str] = ("onnxruntime", "o
         for precision in dict.fromkeys(["fp32", *precisions]):
             encoder = precision if runs("encoder", precision) else "fp32"
             decoder = precision if runs("decoder", precision) else "fp32"
-            if runs("encoder", encoder) and runs("decoder", decoder):
-                out.append((backend, encoder, decoder))
+            pairs = [(encoder, decoder)]
+            if precision != "fp32" and encoder == decoder:  # each graph alone runs too
+                pairs += [(precision, "fp32"), ("fp32", precision)]
+            out += [(backend, e, d) for e, d in pairs if runs("encoder", e) and runs("decoder", d)]
     return out
 
 
