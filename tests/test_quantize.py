@@ -207,6 +207,33 @@ def test_accuracy_search_finds_fewest_float_ops():
     assert not hopeless.passed
 
 
+def test_accuracy_search_ranks_only_when_everything_reduced_fails():
+    """Ranking costs one evaluation per unit: it runs only after the all-reduced model fails,
+    and the bisection then follows it exactly as with a ranking given up front."""
+    units = [f"op{i}" for i in range(40)]
+    errors = dict(zip(units, np.random.default_rng(3).uniform(0, 1, 40) ** 4))
+    calls = []
+
+    def rank():
+        calls.append(1)
+        return errors
+
+    def measure(int8, scale=20.0):
+        total = sum(errors[u] for u in int8)
+        return {"dice_mean": 1 - total / scale, "dice_min": 1 - total / scale}
+
+    def passes(s):
+        return s["dice_mean"] >= 0.99
+
+    _, lenient = accuracy_search(units, list, lambda m: measure(m, 1e6), passes, rank)
+    assert lenient.passed and not lenient.float_units and not calls
+    assert len(lenient.steps) == 1 and lenient.sensitivity == {}
+    _, ranked = accuracy_search(units, list, measure, passes, rank)
+    _, given = accuracy_search(units, list, measure, passes, errors)
+    assert calls == [1] and ranked.float_units == given.float_units
+    assert [s.float_units for s in ranked.steps] == [s.float_units for s in given.steps]
+
+
 def _search_with_clock(seconds_of):
     """The search above with a deterministic clock: ``seconds_of(int8 units)`` per round
     (alternate rounds 1 % slower, as load would make them); ``None``: no timing."""

@@ -104,10 +104,13 @@ def rank_units(units: Sequence[str], realize: Callable[[Collection[str]], Any],
 
 def accuracy_search(units: Sequence[str], realize: Callable[[Collection[str]], Any],
                     measure: Callable[[Any], dict], passes: Callable[[dict], bool],
-                    sensitivity: Mapping[str, float], steps=None,
-                    max_evaluations: int = 10, time_rounds: TimeRounds | None = None,
+                    sensitivity: Mapping[str, float] | Callable[[], Mapping[str, float]],
+                    steps=None, max_evaluations: int = 10,
+                    time_rounds: TimeRounds | None = None,
                     rule: SelectionRule | None = None) -> tuple[Any, SearchResult]:
     """Fewest float units (in sensitivity order) for which ``passes(measure(model))``.
+    ``sensitivity`` may be a function that ranks the units: it is called only when the model
+    with every unit reduced fails, since ranking costs one evaluation per unit.
 
     Bisection over k, the number of most sensitive units reverted: k = 0 is full INT8, k = n is
     the float model (passes by definition, never measured). Returns the passing model with the
@@ -117,7 +120,7 @@ def accuracy_search(units: Sequence[str], realize: Callable[[Collection[str]], A
     units first) are timed in interleaved rounds and the pick follows ``rule``: a split with
     fewer float units replaces one with more only when clearly faster.
     """
-    order = sorted(units, key=lambda u: -sensitivity.get(u, 0.0))
+    order = list(units)  # k = 0 reverts nothing, so the first evaluation needs no ranking
     history: list[SearchStep] = []
     start = time.perf_counter()
     cache: dict[int, tuple[Any, dict, bool]] = {}
@@ -144,6 +147,9 @@ def accuracy_search(units: Sequence[str], realize: Callable[[Collection[str]], A
         hi = 0
     else:
         lo = 0
+        if callable(sensitivity):
+            sensitivity = sensitivity()
+        order.sort(key=lambda u: -sensitivity.get(u, 0.0))
         # Guess from the additive error model: revert until the remaining error falls to 1/4.
         total = sum(sensitivity.get(u, 0.0) for u in order)
         remaining, guess = total, 0
@@ -180,7 +186,8 @@ def accuracy_search(units: Sequence[str], realize: Callable[[Collection[str]], A
         model, summary, ok = cache[k]
     elapsed = time.perf_counter() - start
     result = SearchResult(int8_units=order[k:], float_units=order[:k],
-                          sensitivity=dict(sensitivity), steps=history, passed=passed,
+                          sensitivity={} if callable(sensitivity) else dict(sensitivity),
+                          steps=history, passed=passed,
                           summary=summary, search_seconds=elapsed, speed=speed)
     return model, result
 
