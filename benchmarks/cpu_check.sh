@@ -21,15 +21,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=${1:-cpu-check-bundle}
-PY=${PYTHON:-python3}  # the interpreter samedge is installed in
-samedge() { "$PY" -m samedge.cli "$@"; }
-status=0
-step() { echo; echo "== $*  ($(date -u +%H:%M:%S))"; }
-record() {  # the worst exit code wins: 2 (error) over 1 (a gate failed) over 0
-  local code=$1
-  if [ "$code" -gt "$status" ]; then status=$code; fi
-  if [ "$code" -ge 2 ]; then echo "!! failed (exit $code)"; fi
-}
+source benchmarks/check_steps.sh  # PY, samedge, step, record, status
 
 step "the CPU"
 "$PY" - <<'EOF' || exit 2
