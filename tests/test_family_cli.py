@@ -88,7 +88,8 @@ def pipelines(tmp_path_factory, ckpt) -> dict[str, tuple[Path, str]]:
     runs = {
         "samed": ["--family", "samed", "--base", ckpt["base"], "--checkpoint", ckpt["samed"],
                   "--image-size", "128", "--backends", "onnxruntime",
-                  "--validation-data", _dicom("CT_small.dcm"), _dicom("MR_small.dcm")],
+                  "--validation-data", _dicom("CT_small.dcm"), _dicom("MR_small.dcm"),
+                  "--held-out-data", _dicom("examples_overlay.dcm")],
         "masam": ["--family", "masam", "--base", ckpt["base"], "--checkpoint", ckpt["masam"],
                   "--image-size", "128", "--depth", MASAM_DEPTH, "--scale", "0.5",
                   "--validation-data", nifti],
@@ -124,6 +125,10 @@ def test_pipeline_samed_reports_label_agreement(pipelines):
     assert len(validation["class_dice_mean"]) > 1  # the label maps are not uniform
     assert "label maps (argmax) on 2 real slices" in report and "labels = PyTorch" in report
     assert re.search(r"onnxruntime .* fp32 .* ms .* ms \(1 sl\.\) .* 100\.000 %", report)
+    # --held-out-data: the last step gates the bundle on the user's other patients
+    run = json.loads((bundle.parent / "samed-validation" / "validation.json").read_text())
+    assert run["slices"] == ["examples_overlay.dcm"] and run["passed"]
+    assert "held-out check: every variant in the bundle" in " ".join(report.split())
 
 
 def test_pipeline_masam_runs_on_stacks_of_a_volume(pipelines):
@@ -143,7 +148,7 @@ def test_pipeline_masam_runs_on_stacks_of_a_volume(pipelines):
     assert "on 2 real stacks of 3 adjacent slices" in report
     assert "(3 sl.)" in report and "encoder / stack" in report
     assert len(re.findall(r"openvino", report)) >= 2  # fp32 and fp16 rows
-    assert "no held-out check: your --validation-data" in " ".join(report.split())
+    assert "no held-out check: the validation data given" in " ".join(report.split())
 
 
 def test_pipeline_medsa_3d_decodes_prompts_on_stacks(pipelines):

@@ -228,9 +228,11 @@ def test_accuracy_search_ranks_only_when_everything_reduced_fails():
     _, lenient = accuracy_search(units, list, lambda m: measure(m, 1e6), passes, rank)
     assert lenient.passed and not lenient.float_units and not calls
     assert len(lenient.steps) == 1 and lenient.sensitivity == {}
+    assert lenient.ranking_seconds == 0.0
     _, ranked = accuracy_search(units, list, measure, passes, rank)
     _, given = accuracy_search(units, list, measure, passes, errors)
     assert calls == [1] and ranked.float_units == given.float_units
+    assert ranked.ranking_seconds > 0.0 and ranked.sensitivity == errors
     assert [s.float_units for s in ranked.steps] == [s.float_units for s in given.steps]
 
 

@@ -178,8 +178,8 @@ def run_pipeline(
         held_out = validate_bundle(out, list(held_out_data) if held_out_data else None,
                                    card=card, threads=threads, steps=steps, backends=backends)
     else:
-        note = ("no held-out check: your --validation-data has no held-out counterpart here; "
-                "pass --held-out-data with slices of other patients")
+        note = ("no held-out check: the validation data given has no held-out counterpart "
+                "here; pass --held-out-data with slices of other patients")
     return PipelineResult(out, manifest, len(slices) * depth, drift, latency,
                           stacks=len(stacks) if depth > 1 else 0, depth=depth,
                           quantization=quantization, held_out=held_out, held_out_note=note)

@@ -11,7 +11,6 @@ import io
 import logging
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -320,16 +319,10 @@ def run_search(units, realize, probe: CandidateProbe, proxy, options: SearchOpti
                steps: Steps, label: str, timing_feed: dict[str, np.ndarray] | None = None):
     """Every unit reduced first; where that fails, rank + bisect (+ time the passing splits on
     ``timing_feed`` when given); returns (model, SearchResult)."""
-    ranking = 0.0
-
     def rank() -> dict[str, float]:
-        nonlocal ranking
-        t0 = time.perf_counter()
         with steps.step(f"{label}: rank {len(units)} units by their error alone in reduced "
                         "precision"):
-            sensitivity = rank_units(list(units), realize, proxy, steps)
-        ranking = time.perf_counter() - t0
-        return sensitivity
+            return rank_units(list(units), realize, proxy, steps)
 
     target = options.target
     with steps.step(f"{label}: accuracy-controlled search (target: {target.min_mean_dice:.3f} "
@@ -338,8 +331,6 @@ def run_search(units, realize, probe: CandidateProbe, proxy, options: SearchOpti
         model, result = accuracy_search(list(units), realize, probe.summary,
                                         lambda s: target.evaluate(s).passed, rank,
                                         steps, options.max_evaluations, time_rounds=timer)
-    result.ranking_seconds = ranking
-    result.search_seconds -= ranking  # the ranking ran inside the search's clock
     return model, result
 
 
